@@ -1,0 +1,20 @@
+"""ks-detr: KS-DETR (knowledge sharing in attention learning) as a detectron2 extension.
+
+Importing the package registers the meta-architectures (``ConditionalDETR``,
+``KSConditionalDETR``) and the ``trees_train`` / ``trees_val`` datasets.
+"""
+from .config import add_ks_detr_config, check_ks_detr_config
+from .data import DetrDatasetMapper
+from .modeling import ConditionalDETR, DETRBase, KSConditionalDETR
+from .solver import build_optimizer
+
+__version__ = "0.1.0"
+__all__ = [
+    "add_ks_detr_config",
+    "check_ks_detr_config",
+    "build_optimizer",
+    "DetrDatasetMapper",
+    "DETRBase",
+    "ConditionalDETR",
+    "KSConditionalDETR",
+]

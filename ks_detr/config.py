@@ -1,0 +1,107 @@
+"""Config keys of ks-detr: ``add_ks_detr_config(cfg)`` and ``check_ks_detr_config(cfg)``."""
+from detectron2.config import CfgNode as CN
+
+KS_MODES = ("triple", "share_v", "share_a")
+MASK_SAMPLINGS = ("bilinear", "area")
+OPTIMIZERS = ("ADAMW", "SGD")
+CLIP_TYPES = ("full_model", "value", "norm")
+ACTIVATIONS = ("relu", "prelu", "gelu")
+
+
+def add_ks_detr_config(cfg):
+    """Add the DETR core (``MODEL.DETR``), the KS block (``MODEL.KS``) and solver keys to ``cfg``."""
+    cfg.MODEL.DETR = CN()
+    _C = cfg.MODEL.DETR
+    _C.NUM_CLASSES = 80  # foreground classes (sigmoid focal head, no "no-object" row)
+    _C.IN_FEATURE = "res5"  # backbone feature map fed to the transformer
+    _C.HIDDEN_DIM = 256  # transformer width C
+    _C.NHEADS = 8  # attention heads
+    _C.ENC_LAYERS = 6  # encoder layers
+    _C.DEC_LAYERS = 6  # decoder layers
+    _C.DIM_FEEDFORWARD = 2048  # FFN hidden width
+    _C.DROPOUT = 0.1  # dropout in attention weights, FFN and residual branches
+    _C.ACTIVATION = "relu"  # FFN activation: relu | prelu | gelu
+    _C.NUM_QUERIES = 300  # object queries
+    _C.NUM_TOPK_TEST = 300  # boxes kept per image at inference (top-k over queries x classes)
+    _C.POS_TEMPERATURE = 10000  # temperature of the sine position embeddings
+    _C.CLASS_WEIGHT = 2.0  # focal classification loss weight
+    _C.BBOX_WEIGHT = 5.0  # L1 box loss weight
+    _C.GIOU_WEIGHT = 2.0  # GIoU loss weight
+    _C.COST_CLASS = 2.0  # Hungarian matcher: classification cost weight
+    _C.COST_BBOX = 5.0  # Hungarian matcher: L1 cost weight
+    _C.COST_GIOU = 2.0  # Hungarian matcher: GIoU cost weight
+    _C.FOCAL_ALPHA = 0.25  # focal loss alpha (loss and matcher)
+    _C.FOCAL_GAMMA = 2.0  # focal loss gamma (loss and matcher)
+    _C.AUX_LOSS = True  # loss on every decoder layer, not only the last
+
+    cfg.MODEL.KS = CN()
+    _K = cfg.MODEL.KS
+    _K.ENABLED = False  # knowledge-sharing teachers in training (inference is always the student)
+    _K.MODE = "triple"  # triple | share_v (teacher weights only) | share_a (teacher values only)
+    _K.ENCODER_LAYERS = [-1]  # encoder layers with triple attention (python indices, -1 = last)
+    _K.TEACHER_DECODER_LAYERS = 1  # last N decoder layers of each teacher pass that get a loss
+    _K.TEACHER_LOSS_WEIGHT = 1.0  # multiplier of the teacher outputs' losses (official: 1.0)
+    _K.MASK = CN()
+    _K.MASK.PAD_PIXELS = 0  # grow every GT box by this many input pixels per side
+    _K.MASK.SAMPLING = "bilinear"  # bilinear (official, align_corners) | area (any overlap)
+
+    # DETR augmentation: with probability 0.5, resize to one of these shortest edges and crop
+    # (INPUT.CROP.*) before the usual multi-scale resize.
+    cfg.INPUT.CROP.PRE_RESIZE_SIZES = [400, 500, 600]
+
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW | SGD
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # lr factor of parameters under "backbone."
+    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE may also be "full_model": one L2 norm over all parameters.
+
+
+def _fail(key, value, why):
+    raise ValueError(f"Invalid config {key}={value!r}: {why}")
+
+
+def check_ks_detr_config(cfg):
+    """Raise ``ValueError`` naming the key and value of any invalid or contradictory setting."""
+    d, ks = cfg.MODEL.DETR, cfg.MODEL.KS
+    for key in ("NUM_CLASSES", "HIDDEN_DIM", "NHEADS", "ENC_LAYERS", "DEC_LAYERS", "NUM_QUERIES"):
+        if int(d[key]) < 1:
+            _fail(f"MODEL.DETR.{key}", d[key], "must be >= 1")
+    if d.HIDDEN_DIM % d.NHEADS:
+        _fail("MODEL.DETR.HIDDEN_DIM", d.HIDDEN_DIM, f"must be divisible by NHEADS={d.NHEADS}")
+    if d.HIDDEN_DIM % 2:
+        _fail("MODEL.DETR.HIDDEN_DIM", d.HIDDEN_DIM, "must be even (sine position embedding)")
+    if not 0.0 <= d.DROPOUT < 1.0:
+        _fail("MODEL.DETR.DROPOUT", d.DROPOUT, "must be in [0, 1)")
+    if d.ACTIVATION not in ACTIVATIONS:
+        _fail("MODEL.DETR.ACTIVATION", d.ACTIVATION, f"choose one of {ACTIVATIONS}")
+    if d.NUM_TOPK_TEST < 1:
+        _fail("MODEL.DETR.NUM_TOPK_TEST", d.NUM_TOPK_TEST, "must be >= 1")
+    if ks.MODE not in KS_MODES:
+        _fail("MODEL.KS.MODE", ks.MODE, f"choose one of {KS_MODES}")
+    if not ks.ENCODER_LAYERS:
+        _fail("MODEL.KS.ENCODER_LAYERS", ks.ENCODER_LAYERS, "needs at least one layer index")
+    for i in ks.ENCODER_LAYERS:
+        if not -d.ENC_LAYERS <= i < d.ENC_LAYERS:
+            _fail("MODEL.KS.ENCODER_LAYERS", ks.ENCODER_LAYERS,
+                  f"index {i} out of range for MODEL.DETR.ENC_LAYERS={d.ENC_LAYERS}")
+    if len({i % d.ENC_LAYERS for i in ks.ENCODER_LAYERS}) != len(ks.ENCODER_LAYERS):
+        _fail("MODEL.KS.ENCODER_LAYERS", ks.ENCODER_LAYERS, "names a layer twice")
+    if not 1 <= ks.TEACHER_DECODER_LAYERS <= d.DEC_LAYERS:
+        _fail("MODEL.KS.TEACHER_DECODER_LAYERS", ks.TEACHER_DECODER_LAYERS,
+              f"must be in [1, MODEL.DETR.DEC_LAYERS={d.DEC_LAYERS}]")
+    if ks.TEACHER_DECODER_LAYERS > 1 and not d.AUX_LOSS:
+        _fail("MODEL.KS.TEACHER_DECODER_LAYERS", ks.TEACHER_DECODER_LAYERS,
+              "more than one teacher layer needs MODEL.DETR.AUX_LOSS=True")
+    if ks.TEACHER_LOSS_WEIGHT < 0:
+        _fail("MODEL.KS.TEACHER_LOSS_WEIGHT", ks.TEACHER_LOSS_WEIGHT, "must be >= 0")
+    if ks.MASK.PAD_PIXELS < 0:
+        _fail("MODEL.KS.MASK.PAD_PIXELS", ks.MASK.PAD_PIXELS, "must be >= 0")
+    if ks.MASK.SAMPLING not in MASK_SAMPLINGS:
+        _fail("MODEL.KS.MASK.SAMPLING", ks.MASK.SAMPLING, f"choose one of {MASK_SAMPLINGS}")
+    if cfg.SOLVER.OPTIMIZER.upper() not in OPTIMIZERS:
+        _fail("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, f"choose one of {OPTIMIZERS}")
+    if cfg.SOLVER.BACKBONE_MULTIPLIER < 0:
+        _fail("SOLVER.BACKBONE_MULTIPLIER", cfg.SOLVER.BACKBONE_MULTIPLIER, "must be >= 0")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
+        _fail("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip.CLIP_TYPE, f"choose one of {CLIP_TYPES}")
+    if cfg.MODEL.MASK_ON:
+        _fail("MODEL.MASK_ON", cfg.MODEL.MASK_ON, "ks-detr models predict boxes only")

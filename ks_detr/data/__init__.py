@@ -1,0 +1,5 @@
+"""Data: DETR dataset mapper and the built-in small real dataset (``trees_train``/``trees_val``)."""
+from . import datasets  # noqa: F401  (registers trees_train / trees_val)
+from .dataset_mapper import DetrDatasetMapper
+
+__all__ = ["DetrDatasetMapper"]

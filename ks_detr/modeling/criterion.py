@@ -1,0 +1,57 @@
+"""Set criterion of the DETR family: sigmoid focal classification + L1 + GIoU on matched boxes."""
+import torch
+from detectron2.utils import comm
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+
+class SetCriterion(nn.Module):
+    """Weighted DETR losses over a list of decoder outputs, each matched on its own.
+
+    Every output is a dict ``{"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4) cxcywh,
+    "suffix": str, "weight": float}``; the returned dict has ``loss_{class,bbox,giou}{suffix}``
+    already multiplied by the loss weight and the output's weight.
+    """
+
+    def __init__(self, matcher, num_classes, class_weight=2.0, bbox_weight=5.0, giou_weight=2.0,
+                 alpha=0.25, gamma=2.0):
+        super().__init__()
+        self.matcher = matcher
+        self.num_classes = num_classes
+        self.weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
+        self.alpha, self.gamma = alpha, gamma
+
+    def num_boxes(self, targets, device):
+        """Average number of GT boxes per worker (at least 1): the loss normaliser."""
+        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        if comm.get_world_size() > 1:
+            torch.distributed.all_reduce(n)
+        return (n / comm.get_world_size()).clamp(min=1).item()
+
+    def single(self, pred_logits, pred_boxes, targets, num_boxes):
+        """Unweighted losses of one output: dict loss_class / loss_bbox / loss_giou (scalars)."""
+        indices = self.matcher(pred_logits, pred_boxes, targets)
+        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
+        query_idx = torch.cat([q for q, _ in indices])
+        onehot = torch.zeros_like(pred_logits)
+        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        onehot[batch_idx, query_idx, labels] = 1.0
+        loss_class = sigmoid_focal_loss(pred_logits, onehot, self.alpha, self.gamma, "sum")
+        src = pred_boxes[batch_idx, query_idx]
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+        loss_bbox = (src - tgt).abs().sum()
+        giou = generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
+        loss_giou = (1 - torch.diag(giou)).sum()
+        return {
+            "loss_class": loss_class / num_boxes,
+            "loss_bbox": loss_bbox / num_boxes,
+            "loss_giou": loss_giou / num_boxes,
+        }
+
+    def forward(self, outputs, targets):
+        num_boxes = self.num_boxes(targets, outputs[0]["pred_logits"].device)
+        losses = {}
+        for out in outputs:
+            for name, value in self.single(out["pred_logits"], out["pred_boxes"], targets, num_boxes).items():
+                losses[name + out["suffix"]] = value * self.weights[name] * out["weight"]
+        return losses

@@ -1,0 +1,203 @@
+"""``DETRBase``: the meta-architecture shared by every DETR family, with the KS switch.
+
+A family subclass builds its decoder and says how queries become boxes
+(:meth:`DETRBase.decode`); everything else — backbone and padding masks, encoder, knowledge
+sharing, targets, losses, top-k inference — lives here once.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import build_backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+from torchvision.ops import box_convert
+
+from .criterion import SetCriterion
+from .ks import SMLP, STREAMS, KSEncoderLayer, box_canvas, fg_token_mask
+from .matcher import HungarianMatcher
+from .transformer import MLP, TransformerEncoder, TransformerEncoderLayer, sine_position_embedding
+
+
+class DETRBase(nn.Module):
+    """Backbone -> input projection -> encoder -> (family decoder) -> class / box heads.
+
+    With ``MODEL.KS.ENABLED`` and in training, the encoder layers ``MODEL.KS.ENCODER_LAYERS`` run
+    triple attention on the GT Fg-Bg mask, the decoder runs once on the stacked student and teacher
+    memories, and every kept output gets the family's loss. In eval the model is the student only.
+    """
+
+    def __init__(self, cfg, ks_enabled=None):
+        super().__init__()
+        d, ks = cfg.MODEL.DETR, cfg.MODEL.KS
+        self.ks_enabled = ks.ENABLED if ks_enabled is None else ks_enabled
+        self.hidden_dim = C = d.HIDDEN_DIM
+        self.num_classes = d.NUM_CLASSES
+        self.num_queries = d.NUM_QUERIES
+        self.num_topk = d.NUM_TOPK_TEST
+        self.aux_loss = d.AUX_LOSS
+        self.pos_temperature = d.POS_TEMPERATURE
+
+        self.backbone = build_backbone(cfg)
+        self.in_feature = d.IN_FEATURE
+        shapes = self.backbone.output_shape()
+        if self.in_feature not in shapes:
+            raise ValueError(
+                f"Invalid config MODEL.DETR.IN_FEATURE={self.in_feature!r}: the backbone gives "
+                f"{sorted(shapes)} (set MODEL.RESNETS.OUT_FEATURES)"
+            )
+        self.input_proj = nn.Conv2d(shapes[self.in_feature].channels, C, kernel_size=1)
+
+        ks_layers = {i % d.ENC_LAYERS for i in ks.ENCODER_LAYERS} if self.ks_enabled else set()
+        layer_args = (C, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT, d.ACTIVATION)
+        self.encoder = TransformerEncoder(
+            KSEncoderLayer(*layer_args, mode=ks.MODE) if i in ks_layers else TransformerEncoderLayer(*layer_args)
+            for i in range(d.ENC_LAYERS)
+        )
+        self.decoder = self.build_decoder(cfg)
+        self.class_embed = nn.Linear(C, self.num_classes)
+        self.bbox_embed = MLP(C, C, 4, 3)
+        self.reset_parameters()
+
+        if self.ks_enabled:
+            self.ks_smlp = SMLP(C)  # outside the transformer: default nn.Linear init
+            self.ks_streams = STREAMS[ks.MODE]
+            self.ks_teacher_layers = ks.TEACHER_DECODER_LAYERS
+            self.ks_teacher_weight = ks.TEACHER_LOSS_WEIGHT
+            self.ks_pad_pixels = ks.MASK.PAD_PIXELS
+            self.ks_sampling = ks.MASK.SAMPLING
+
+        matcher = HungarianMatcher(d.COST_CLASS, d.COST_BBOX, d.COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
+        self.criterion = SetCriterion(matcher, self.num_classes, d.CLASS_WEIGHT, d.BBOX_WEIGHT,
+                                      d.GIOU_WEIGHT, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
+
+    # ---- family hooks ---------------------------------------------------------------------
+    def build_decoder(self, cfg):
+        """Return the family's decoder module."""
+        raise NotImplementedError
+
+    def decode(self, memory, memory_mask, pos):
+        """Run the decoder on (stacked) memories.
+
+        Args:
+            memory, pos: (B', N, C); memory_mask: (B', N) True = padding (B' = streams * B).
+        Returns:
+            hs (L, B', Q, C) normalised decoder states and boxes (L, B', Q, 4) sigmoid cxcywh.
+        """
+        raise NotImplementedError
+
+    def reset_parameters(self):
+        """Official DETR-family init: xavier on transformer matrices, focal prior on the class
+        bias, zero last box layer."""
+        for module in (self.encoder, self.decoder):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for layer in self.encoder.layers:
+            if isinstance(layer, KSEncoderLayer):
+                layer.self_attn.reset_packed()
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+
+    # ---- forward --------------------------------------------------------------------------
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs):
+        """Normalise and pad the images; returns the ImageList and its (B, H, W) padding mask."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        B, _, H, W = images.tensor.shape
+        mask = torch.ones(B, H, W, dtype=torch.bool, device=self.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            mask[i, :h, :w] = False
+        return images, mask
+
+    def forward(self, batched_inputs):
+        """detectron2 interface: list of dicts with "image" (3, H, W) (and "instances" in training).
+
+        Returns a dict of losses in training, else ``[{"instances": Instances}]`` per image.
+        """
+        images, pixel_mask = self.preprocess_image(batched_inputs)
+        feat = self.backbone(images.tensor)[self.in_feature]
+        mask = F.interpolate(pixel_mask[None].float(), size=feat.shape[-2:])[0].bool()
+        B, _, h, w = feat.shape
+        pos = sine_position_embedding(mask, self.hidden_dim // 2, self.pos_temperature)
+        src = self.input_proj(feat).flatten(2).transpose(1, 2)
+        pos, key_mask = pos.flatten(1, 2), mask.flatten(1)
+
+        teach = self.training and self.ks_enabled
+        ks_inputs = None
+        if teach:
+            gt = [x["instances"].gt_boxes.tensor.to(self.device) for x in batched_inputs]
+            canvas = box_canvas(gt, images.image_sizes, images.tensor.shape[-2:], self.ks_pad_pixels)
+            fg = fg_token_mask(canvas, [(h, w)], [~mask], self.ks_sampling)
+            ks_inputs = (fg, self.ks_smlp)
+        memory = self.encoder(src, pos, key_mask, ks_inputs)
+        S = memory.shape[0] // B
+        hs, boxes = self.decode(memory, key_mask.repeat(S, 1), pos.repeat(S, 1, 1))
+        logits = self.class_embed(hs)
+
+        if self.training:
+            targets = self.prepare_targets(batched_inputs)
+            return self.criterion(self.loss_outputs(logits, boxes, B), targets)
+        return self.inference(logits[-1], boxes[-1], images.image_sizes, batched_inputs)
+
+    def loss_outputs(self, logits, boxes, batch):
+        """Outputs that get a loss: the student's last layer (no suffix), its earlier layers
+        (``_i``) and the last ``TEACHER_DECODER_LAYERS`` of every teacher (``_ks_{a|v}[_i]``).
+
+        logits: (L, S*B, Q, K), boxes: (L, S*B, Q, 4).
+        """
+        L = logits.shape[0]
+        out = [dict(pred_logits=logits[-1, :batch], pred_boxes=boxes[-1, :batch], suffix="", weight=1.0)]
+        if self.aux_loss:
+            out += [
+                dict(pred_logits=logits[i, :batch], pred_boxes=boxes[i, :batch], suffix=f"_{i}", weight=1.0)
+                for i in range(L - 1)
+            ]
+        S = logits.shape[1] // batch
+        for s in range(1, S):
+            kind = self.ks_streams[s]
+            sl = slice(s * batch, (s + 1) * batch)
+            for i in range(L - self.ks_teacher_layers, L):
+                suffix = f"_ks_{kind}" + ("" if i == L - 1 else f"_{i}")
+                out.append(dict(pred_logits=logits[i, sl], pred_boxes=boxes[i, sl], suffix=suffix,
+                                weight=self.ks_teacher_weight))
+        return out
+
+    def prepare_targets(self, batched_inputs):
+        """GT Instances -> list of {"labels" (M,), "boxes" (M, 4) cxcywh normalised by image size}."""
+        targets = []
+        for x in batched_inputs:
+            inst = x["instances"].to(self.device)
+            h, w = inst.image_size
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = box_convert(inst.gt_boxes.tensor / scale, "xyxy", "cxcywh")
+            targets.append({"labels": inst.gt_classes, "boxes": boxes})
+        return targets
+
+    def inference(self, logits, boxes, image_sizes, batched_inputs):
+        """Top-k over queries x classes per image, boxes rescaled to the requested output size.
+
+        logits: (B, Q, K), boxes: (B, Q, 4) normalised cxcywh.
+        """
+        B, Q, K = logits.shape
+        k = min(self.num_topk, Q * K)
+        scores, idx = logits.sigmoid().flatten(1).topk(k, dim=1)
+        labels = idx % K
+        boxes = torch.gather(boxes, 1, (idx // K)[..., None].expand(-1, -1, 4))
+        results = []
+        for i, (h, w) in enumerate(image_sizes):
+            r = Instances((h, w))
+            xyxy = box_convert(boxes[i], "cxcywh", "xyxy") * torch.tensor([w, h, w, h], device=boxes.device)
+            r.pred_boxes = Boxes(xyxy)
+            r.scores = scores[i]
+            r.pred_classes = labels[i]
+            x = batched_inputs[i]
+            results.append({"instances": detector_postprocess(r, x.get("height", h), x.get("width", w))})
+        return results

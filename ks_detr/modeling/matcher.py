@@ -1,0 +1,52 @@
+"""Hungarian matching between predicted and ground-truth boxes (focal classification cost)."""
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment minimising
+    ``cost_class * focal_cost + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU)``."""
+
+    def __init__(self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2.0):
+        super().__init__()
+        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+        self.alpha, self.gamma = alpha, gamma
+
+    @torch.no_grad()
+    def forward(self, pred_logits, pred_boxes, targets):
+        """
+        Args:
+            pred_logits: (B, Q, K) classification logits; pred_boxes: (B, Q, 4) normalised cxcywh.
+            targets: list of B dicts with "labels" (M_i,) int64 and "boxes" (M_i, 4) cxcywh.
+        Returns:
+            list of B (query_idx, target_idx) int64 tensor pairs of equal length min(Q, M_i).
+        """
+        B, Q, _ = pred_logits.shape
+        sizes = [len(t["labels"]) for t in targets]
+        if sum(sizes) == 0:
+            empty = torch.empty(0, dtype=torch.int64)
+            return [(empty, empty) for _ in targets]
+        prob = pred_logits.flatten(0, 1).float().sigmoid()
+        boxes = pred_boxes.flatten(0, 1).float()
+        tgt_ids = torch.cat([t["labels"] for t in targets])
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()
+
+        p = prob[:, tgt_ids]
+        neg = (1 - self.alpha) * p**self.gamma * -(1 - p + 1e-8).log()
+        pos = self.alpha * (1 - p) ** self.gamma * -(p + 1e-8).log()
+        cost = (
+            self.cost_class * (pos - neg)
+            + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
+            - self.cost_giou
+            * generalized_box_iou(
+                box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
+            )
+        )
+        cost = cost.view(B, Q, -1).cpu()
+        out = []
+        for i, c in enumerate(cost.split(sizes, -1)):
+            rows, cols = linear_sum_assignment(c[i].numpy())
+            out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return out

@@ -1,0 +1,188 @@
+"""The shared transformer core of every DETR family: attention, encoder layers, MLP, sine embeddings.
+
+All tensors are batch-first: tokens ``(B, N, C)``, padding masks ``(B, N)`` with True = padding.
+Knowledge-sharing training stacks the student and teacher streams along the batch axis
+(``(S*B, N, C)``, stream-major), so every module here runs all streams in one call.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def build_activation(name):
+    """``relu`` | ``prelu`` | ``gelu`` as a module."""
+    return {"relu": nn.ReLU, "prelu": nn.PReLU, "gelu": nn.GELU}[name]()
+
+
+def inverse_sigmoid(x, eps=1e-5):
+    """Numerically safe logit of ``x`` in [0, 1]."""
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (``layers.i`` as in DETR)."""
+
+    def __init__(self, in_dim, hidden_dim, out_dim, num_layers):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+def sine_position_embedding(mask, num_pos_feats, temperature, scale=2 * math.pi, eps=1e-6):
+    """DETR's normalised 2-D sine embedding of a padded feature map.
+
+    Args:
+        mask: (B, H, W) bool, True = padding.
+    Returns:
+        (B, H, W, 2 * num_pos_feats): y features then x features.
+    """
+    not_mask = (~mask).to(torch.float32)
+    y = not_mask.cumsum(1)
+    x = not_mask.cumsum(2)
+    y = y / (y[:, -1:, :] + eps) * scale
+    x = x / (x[:, :, -1:] + eps) * scale
+    return torch.cat([_sine(y, num_pos_feats, temperature), _sine(x, num_pos_feats, temperature)], -1)
+
+
+def _sine(values, num_feats, temperature):
+    """(...,) -> (..., num_feats): interleaved sin/cos of ``values / temperature^(2i/num_feats)``."""
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=values.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+    v = values[..., None] / dim_t
+    return torch.stack((v[..., 0::2].sin(), v[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def sine_embed_points(points, num_feats, temperature=10000, scale=2 * math.pi):
+    """Sine embedding of normalised points (Conditional / DAB-DETR query positions).
+
+    Args:
+        points: (..., D) in [0, 1], coordinates ordered (x, y[, w, h]).
+    Returns:
+        (..., D * num_feats), ordered (y, x[, w, h]) as in the official code.
+    """
+    order = [1, 0] + list(range(2, points.shape[-1]))
+    return torch.cat([_sine(points[..., i] * scale, num_feats, temperature) for i in order], -1)
+
+
+def multihead_attention(q, k, v, num_heads, key_padding_mask=None, dropout=0.0):
+    """Scaled dot-product attention split into heads (one fused SDPA call).
+
+    Args:
+        q: (B, Lq, E); k: (B, Lk, E); v: (B, Lk, Ev); E and Ev divisible by ``num_heads``.
+        key_padding_mask: (B, Lk) bool, True = ignore this key.
+    Returns:
+        (B, Lq, Ev)
+    """
+    B, Lq, _ = q.shape
+    Lk = k.shape[1]
+    q = q.view(B, Lq, num_heads, -1).transpose(1, 2)
+    k = k.view(B, Lk, num_heads, -1).transpose(1, 2)
+    v = v.view(B, Lk, num_heads, -1).transpose(1, 2)
+    attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+    return out.transpose(1, 2).reshape(B, Lq, -1)
+
+
+class HeadsAttention(nn.Module):
+    """Multi-head attention on already projected q/k/v, followed by ``out_proj`` (C_v -> C_v).
+
+    The Conditional/DAB decoders project q, k, v themselves (content and position parts).
+    """
+
+    def __init__(self, value_dim, num_heads, dropout=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.out_proj = nn.Linear(value_dim, value_dim)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        """q: (B, Lq, E), k: (B, Lk, E), v: (B, Lk, C_v) -> (B, Lq, C_v)."""
+        drop = self.dropout if self.training else 0.0
+        return self.out_proj(multihead_attention(q, k, v, self.num_heads, key_padding_mask, drop))
+
+
+class MultiheadAttention(HeadsAttention):
+    """Self-attention with packed input projections; parameter names follow ``nn.MultiheadAttention``
+    (``in_proj_weight`` (3C, C) rows [W_q; W_k; W_v], ``in_proj_bias``, ``out_proj``)."""
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0):
+        super().__init__(embed_dim, num_heads, dropout)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def project(self, x, pos, weight, bias):
+        """Q = W_q(x+p), K = W_k(x+p), V = W_v x with the packed ``weight`` (3C, C)."""
+        C = x.shape[-1]
+        qk = F.linear(x + pos, weight[: 2 * C], bias[: 2 * C])
+        v = F.linear(x, weight[2 * C :], bias[2 * C :])
+        return qk[..., :C], qk[..., C:], v
+
+    def forward(self, x, pos, key_padding_mask=None):
+        """x, pos: (B, N, C) -> (B, N, C)."""
+        q, k, v = self.project(x, pos, self.in_proj_weight, self.in_proj_bias)
+        return super().forward(q, k, v, key_padding_mask)
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Post-norm encoder layer: self-attention -> add & norm -> FFN -> add & norm."""
+
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, attention=None):
+        super().__init__()
+        self.self_attn = attention or MultiheadAttention(d_model, nhead, dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.activation = build_activation(activation)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def finish(self, residual, attn_out):
+        """Add & norm, FFN, add & norm: (B, N, C) -> (B, N, C)."""
+        x = self.norm1(residual + self.dropout1(attn_out))
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(x))))
+        return self.norm2(x + self.dropout2(ffn))
+
+    def forward(self, x, pos, key_padding_mask=None):
+        """x, pos: (B, N, C) -> (B, N, C)."""
+        return self.finish(x, self.self_attn(x, pos, key_padding_mask))
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of encoder layers; knowledge-sharing layers may widen the batch into streams.
+
+    ``layers[i]`` may be a :class:`ks_detr.modeling.ks.KSEncoderLayer`, which in training with a
+    foreground mask turns ``(B, N, C)`` into ``(S*B, N, C)``; later layers then run on all streams.
+    """
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x, pos, key_padding_mask, ks_inputs=None):
+        """x, pos: (B, N, C), key_padding_mask (B, N) -> (S*B, N, C), S = 1 without teachers.
+
+        ``ks_inputs``: ``(fg_mask (B, N) bool, smlp module)`` in KS training, else None.
+        """
+        batch, streams = x.shape[0], 1
+        pos_s, mask_s = pos, key_padding_mask  # repeated once per stream
+        for layer in self.layers:
+            if ks_inputs is not None and getattr(layer, "is_ks_layer", False):
+                x = layer.forward_ks(x, pos, key_padding_mask, *ks_inputs, streams)
+                if x.shape[0] // batch != streams:
+                    streams = x.shape[0] // batch
+                    pos_s, mask_s = pos.repeat(streams, 1, 1), key_padding_mask.repeat(streams, 1)
+            else:
+                x = layer(x, pos_s, mask_s)
+        return x
