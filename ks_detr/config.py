@@ -103,5 +103,7 @@ def check_ks_detr_config(cfg):
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
         _fail("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip.CLIP_TYPE, f"choose one of {CLIP_TYPES}")
+    if cfg.TEST.AUG.ENABLED:
+        _fail("TEST.AUG.ENABLED", cfg.TEST.AUG.ENABLED, "test-time augmentation is not supported")
     if cfg.MODEL.MASK_ON:
         _fail("MODEL.MASK_ON", cfg.MODEL.MASK_ON, "ks-detr models predict boxes only")

@@ -1,0 +1,42 @@
+"""Shared helpers: configs for small CPU models and hand-made detectron2 inputs."""
+import os
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.structures import Boxes, Instances
+
+from ks_detr import add_ks_detr_config, check_ks_detr_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_cfg(config="configs/ks_conditional_detr_r50.yaml", *opts):
+    """Config from a shipped YAML, random init, CPU, plus ``KEY VALUE`` overrides."""
+    cfg = get_cfg()
+    add_ks_detr_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, config))
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    check_ks_detr_config(cfg)
+    return cfg
+
+
+def toy_inputs(sizes=((200, 250), (180, 249)), with_empty=True, seed=0):
+    """Random images with a few GT boxes; the last image has no boxes when ``with_empty``."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = []
+    for i, (h, w) in enumerate(sizes):
+        inst = Instances((h, w))
+        if with_empty and i == len(sizes) - 1:
+            inst.gt_boxes = Boxes(torch.zeros(0, 4))
+            inst.gt_classes = torch.zeros(0, dtype=torch.int64)
+        else:
+            inst.gt_boxes = Boxes(torch.tensor([[10.0, 20, 100, 120], [50, 60, 70, 90], [120, 30, 190, 170]]))
+            inst.gt_classes = torch.tensor([1, 5, 1])
+        inputs.append({"image": torch.rand(3, h, w, generator=g) * 255, "instances": inst})
+    return inputs
+
+
+@pytest.fixture
+def repo():
+    return REPO

@@ -1,0 +1,84 @@
+"""Shipped YAMLs load and build; invalid keys and values fail naming the key and the value."""
+import glob
+import os
+
+import pytest
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from conftest import REPO, make_cfg
+from ks_detr import add_ks_detr_config, check_ks_detr_config
+
+CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"),
+                                                               recursive=True))
+
+
+def flat(cfg, prefix=""):
+    out = {}
+    for k, v in cfg.items():
+        out.update(flat(v, prefix + k + ".") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if not os.path.basename(c).startswith("Base-")])
+def test_every_shipped_yaml_loads_and_builds(config):
+    model = build_model(make_cfg(config, "MODEL.DETR.NUM_QUERIES", 10))
+    assert model.ks_enabled == os.path.basename(config).startswith("ks_")
+    assert sum(p.numel() for p in model.parameters()) > 20e6
+
+
+def test_ks_config_differs_from_its_baseline_only_by_ks_keys():
+    for ks in (c for c in CONFIGS if os.path.basename(c).startswith("ks_")):
+        base = ks.replace("ks_", "", 1)
+        a, b = flat(make_cfg(ks)), flat(make_cfg(base))
+        assert {k for k in a if a[k] != b[k]} <= {k for k in a if k.startswith("MODEL.KS.")}, ks
+        assert a["MODEL.KS.ENABLED"] and not b["MODEL.KS.ENABLED"]
+
+
+def test_ks_meta_arch_name_turns_teachers_on():
+    cfg = make_cfg("configs/conditional_detr_r50.yaml", "MODEL.META_ARCHITECTURE", "KSConditionalDETR",
+                   "MODEL.DETR.NUM_QUERIES", 10)
+    model = build_model(cfg)
+    assert model.ks_enabled and hasattr(model, "ks_smlp")
+
+
+def test_unknown_key_is_rejected_with_its_name(tmp_path):
+    cfg = get_cfg()
+    add_ks_detr_config(cfg)
+    with pytest.raises(AssertionError, match="Non-existent key: MODEL.KS.TEACHERS"):
+        cfg.merge_from_list(["MODEL.KS.TEACHERS", 2])  # command-line overrides
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"_BASE_: {REPO}/configs/ks_conditional_detr_r50.yaml\nMODEL:\n  KS:\n    TEACHERS: 2\n")
+    with pytest.raises(KeyError, match="MODEL.KS.TEACHERS"):
+        cfg.merge_from_file(str(bad))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("MODEL.KS.MODE", "quad"),
+    ("MODEL.KS.ENCODER_LAYERS", [6]),
+    ("MODEL.KS.ENCODER_LAYERS", [5, -1]),
+    ("MODEL.KS.ENCODER_LAYERS", []),
+    ("MODEL.KS.TEACHER_DECODER_LAYERS", 7),
+    ("MODEL.KS.TEACHER_LOSS_WEIGHT", -1.0),
+    ("MODEL.KS.MASK.SAMPLING", "nearest"),
+    ("MODEL.KS.MASK.PAD_PIXELS", -2),
+    ("MODEL.DETR.HIDDEN_DIM", 250),
+    ("MODEL.DETR.NUM_QUERIES", 0),
+    ("MODEL.DETR.ACTIVATION", "tanh"),
+    ("MODEL.DETR.DROPOUT", 1.5),
+    ("SOLVER.OPTIMIZER", "LAMB"),
+    ("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full"),
+    ("MODEL.MASK_ON", True),
+])
+def test_invalid_values_name_key_and_value(key, value):
+    cfg = make_cfg("configs/ks_conditional_detr_r50.yaml")
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError) as e:
+        check_ks_detr_config(cfg)
+    assert key in str(e.value) and repr(value) in str(e.value)
+
+
+def test_bad_in_feature_is_named():
+    cfg = make_cfg("configs/conditional_detr_r50.yaml", "MODEL.DETR.IN_FEATURE", "res4")
+    with pytest.raises(ValueError, match="MODEL.DETR.IN_FEATURE='res4'"):
+        build_model(cfg)

@@ -1,0 +1,129 @@
+"""Model-level behaviour: train steps, KS eval == baseline student, FLOPs, overfitting a real image."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from fvcore.nn import FlopCountAnalysis
+
+from conftest import REPO, make_cfg, toy_inputs
+
+SMALL = ("MODEL.DETR.NUM_QUERIES", 50)  # keeps matching cheap; the architecture is unchanged
+
+
+@pytest.mark.parametrize("config", ["configs/conditional_detr_r50.yaml", "configs/ks_conditional_detr_r50.yaml"])
+def test_one_train_step(config):
+    torch.manual_seed(0)
+    model = build_model(make_cfg(config, *SMALL))
+    model.train()
+    with EventStorage():
+        losses = model(toy_inputs())
+    ks = "ks_" in os.path.basename(config)
+    n_out = 6 + (2 if ks else 0)  # 6 student layers (+ last layer of 2 teachers)
+    assert len(losses) == 3 * n_out
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    if ks:
+        assert {"loss_class_ks_a", "loss_bbox_ks_v"} <= set(losses)
+        for name in ("encoder.layers.5.self_attn.teacher_in_proj_weight", "ks_smlp.linear.weight"):
+            assert grads[name].abs().sum() > 0, name
+    else:
+        assert not any("teacher" in n or "ks_" in n for n in grads)
+
+
+def test_ks_modes_and_teacher_layers():
+    torch.manual_seed(0)
+    for mode, kinds in (("share_v", ["a"]), ("share_a", ["v"])):
+        model = build_model(make_cfg("configs/ks_conditional_detr_r50.yaml", *SMALL, "MODEL.KS.MODE", mode,
+                                     "MODEL.KS.TEACHER_DECODER_LAYERS", 2))
+        with EventStorage():
+            losses = model(toy_inputs())
+        teacher_keys = sorted(k for k in losses if "_ks_" in k)
+        assert teacher_keys == sorted(f"loss_{n}_ks_{k}{s}" for n in ("class", "bbox", "giou") for k in kinds
+                                      for s in ("", "_4"))
+
+
+def eval_outputs(model, inputs):
+    model.eval()
+    with torch.no_grad():
+        return [r["instances"] for r in model([{"image": x["image"]} for x in inputs])]
+
+
+def test_ks_eval_equals_baseline_with_converted_weights(tmp_path):
+    torch.manual_seed(0)
+    ks_model = build_model(make_cfg("configs/ks_conditional_detr_r50.yaml", *SMALL))
+    with EventStorage():  # one update so that student and teacher weights are not at init
+        sum(ks_model(toy_inputs()).values()).backward()
+    with torch.no_grad():
+        for p in ks_model.parameters():
+            if p.grad is not None:
+                p -= 1e-3 * p.grad.sign()
+    ks_path, student_path = tmp_path / "ks.pth", tmp_path / "student.pth"
+    torch.save({"model": ks_model.state_dict(), "iteration": 1}, ks_path)
+    subprocess.run([sys.executable, os.path.join(REPO, "tools/ks_to_student.py"), str(ks_path), str(student_path)],
+                   check=True)
+    base = build_model(make_cfg("configs/conditional_detr_r50.yaml", *SMALL))
+    base.load_state_dict(torch.load(student_path, weights_only=True)["model"], strict=True)
+
+    inputs = toy_inputs(sizes=((224, 200), (160, 240)))
+    for a, b in zip(eval_outputs(ks_model, inputs), eval_outputs(base, inputs)):
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+        assert len(a) == 300 and a.image_size == b.image_size  # NUM_TOPK_TEST
+
+    class Wrap(torch.nn.Module):  # fvcore traces tensors in, tensors out
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, image):
+            return self.m([{"image": image}])[0]["instances"].pred_boxes.tensor
+
+    image = inputs[0]["image"]
+    flops = []
+    for m in (ks_model, base):
+        fca = FlopCountAnalysis(Wrap(m).eval(), (image,))
+        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        flops.append(fca.total())
+    assert flops[0] == flops[1] > 1e9
+
+
+def test_converter_rejects_a_baseline_checkpoint(tmp_path):
+    base = build_model(make_cfg("configs/conditional_detr_r50.yaml", *SMALL))
+    torch.save({"model": base.state_dict()}, tmp_path / "base.pth")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools/ks_to_student.py"), str(tmp_path / "base.pth"),
+                        str(tmp_path / "out.pth")], capture_output=True, text=True)
+    assert r.returncode != 0 and "no teacher parameters" in r.stderr
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_overfit_one_real_image_lowers_the_loss():
+    """30 AdamW steps on one trees tile (256 px): the total loss falls clearly."""
+    from detectron2.data import DatasetCatalog
+
+    from ks_detr import DetrDatasetMapper, build_optimizer
+
+    torch.manual_seed(0)
+    cfg = make_cfg("configs/ks_conditional_detr_r50.yaml", "MODEL.DETR.NUM_CLASSES", 1, *SMALL,
+                   "INPUT.MIN_SIZE_TRAIN", (256,), "INPUT.MAX_SIZE_TRAIN", 256, "INPUT.CROP.ENABLED", False,
+                   "INPUT.RANDOM_FLIP", "none", "MODEL.DETR.DROPOUT", 0.0)
+    record = next(d for d in DatasetCatalog.get("trees_train") if len(d["annotations"]) >= 10)
+    batch = [DetrDatasetMapper(cfg, is_train=True)(record)]
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    history = []
+    with EventStorage():
+        for _ in range(30):
+            loss = sum(model(batch).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.append(loss.item())
+    first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
+    assert last < 0.7 * first, json.dumps(history)

@@ -1,0 +1,343 @@
+#!/usr/bin/env python
+"""Measure what knowledge sharing costs: KS vs baseline train step, eval forward, memory, FLOPs.
+
+    python tools/benchmark.py --config-file configs/ks_conditional_detr_r50.yaml --iters 3
+
+Both models run interleaved in one process on the same random images and boxes (random init).
+Peak memory is read in one fresh child process per model. Prints one JSON object to stdout.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ks_detr  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+from fvcore.nn import FlopCountAnalysis  # noqa: E402
+from fvcore.nn.jit_handles import get_shape  # noqa: E402
+
+MODELS = ("baseline", "ks")
+
+
+def log(*args):
+    print("[benchmark]", *args, file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, help="KS config")
+    parser.add_argument(
+        "--baseline-config", help="default: the KS config with MODEL.KS.ENABLED False"
+    )
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=512, help="square image side in pixels")
+    parser.add_argument("--boxes", type=int, default=10, help="GT boxes per image")
+    parser.add_argument("--iters", type=int, default=5, help="timed repetitions per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions per model")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast around the forward")
+    parser.add_argument("--output", help="also write the JSON here")
+    parser.add_argument("--memory-child", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser.parse_args(argv)
+
+
+def build_cfg(args, which):
+    """Frozen config of ``which`` model: random init, ``--device``, the overrides."""
+    cfg = get_cfg()
+    ks_detr.add_ks_detr_config(cfg)
+    cfg.merge_from_file(
+        args.baseline_config if which == "baseline" and args.baseline_config else args.config_file
+    )
+    if which == "baseline" and not args.baseline_config:
+        cfg.MODEL.KS.ENABLED = False
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = args.device
+    cfg.merge_from_list(args.opts)
+    ks_detr.check_ks_detr_config(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def make_tensors(args, num_classes):
+    """Seeded images (B, 3, S, S) in [0, 255] and per image ``--boxes`` xyxy boxes of 20-150 px."""
+    g = torch.Generator().manual_seed(0)
+    n, s = args.boxes, args.size
+    images = torch.randint(0, 256, (args.batch, 3, s, s), generator=g).float()
+    wh = torch.randint(20, min(150, s) + 1, (args.batch, n, 2), generator=g).float()
+    xy0 = torch.rand(args.batch, n, 2, generator=g) * (s - wh)
+    boxes = torch.cat([xy0, xy0 + wh], -1)
+    classes = torch.randint(0, num_classes, (args.batch, n), generator=g)
+    return images, boxes, classes
+
+
+def to_inputs(images, boxes=None, classes=None):
+    """detectron2 input dicts; with ``boxes`` and ``classes`` each gets GT ``instances``."""
+    inputs = []
+    for i, image in enumerate(images):
+        x = {"image": image}
+        if boxes is not None:
+            inst = Instances(tuple(image.shape[-2:]))
+            inst.gt_boxes = Boxes(boxes[i])
+            inst.gt_classes = classes[i]
+            x["instances"] = inst
+        inputs.append(x)
+    return inputs
+
+
+class Runner:
+    """One model with its optimizer; ``train_step`` and ``eval_step`` return wall seconds."""
+
+    def __init__(self, cfg, which, args, train_inputs, eval_inputs):
+        torch.manual_seed(0)
+        self.model = build_model(cfg)
+        if self.model.ks_enabled != (which == "ks"):
+            raise ValueError(
+                f"{which} config builds a model with ks_enabled={self.model.ks_enabled}"
+            )
+        self.optimizer = ks_detr.build_optimizer(cfg, self.model)
+        self.device = args.device
+        self.autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16)
+        self.train_inputs, self.eval_inputs = train_inputs, eval_inputs
+
+    def _sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step(self):
+        """Forward, backward and optimizer step (AdamW of the recipe, with its clipping)."""
+        self.model.train()
+        self._sync()
+        t = time.perf_counter()
+        with EventStorage():
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.autocast:
+                losses = self.model(self.train_inputs)
+            sum(losses.values()).backward()
+            self.optimizer.step()
+        self._sync()
+        return time.perf_counter() - t
+
+    def eval_step(self):
+        """Inference forward on images without annotations."""
+        self.model.eval()
+        self._sync()
+        t = time.perf_counter()
+        with torch.no_grad(), self.autocast:
+            self.model(self.eval_inputs)
+        self._sync()
+        return time.perf_counter() - t
+
+
+class FlopWrapper(nn.Module):
+    """Tensor-only interface for tracing: rebuilds the input dicts, returns the summed loss in
+    training and the predictions in eval."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, boxes, classes):
+        if self.training:
+            return sum(self.model(to_inputs(images, boxes, classes)).values())
+        out = [r["instances"] for r in self.model(to_inputs(images))]
+        return tuple(t for r in out for t in (r.pred_boxes.tensor, r.scores, r.pred_classes))
+
+
+def sdpa_flop_jit(inputs, outputs):
+    """fvcore has no handle for SDPA: Q K^T and A V multiply-adds, B*H*Lq*Lk*(E + Ev)."""
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    return q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])
+
+
+def count_gflops(model, tensors, train):
+    """fvcore GFLOPs (one multiply-add = one flop) of the train or eval forward; on failure
+    ``(None, error string)``."""
+    wrapper = FlopWrapper(model).train(train)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flops = FlopCountAnalysis(wrapper, tensors)
+            flops.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+            flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            with EventStorage():
+                return flops.total() / 1e9, None
+    except Exception as e:  # noqa: BLE001 - reported in the JSON instead of crashing
+        return None, f"{type(e).__name__}: {e}"
+
+
+def memory_child(args):
+    """Peak memory of ``--warmup`` + 1 train steps in this fresh process; prints one JSON line."""
+    cfg = build_cfg(args, args.memory_child)
+    images, boxes, classes = make_tensors(args, cfg.MODEL.DETR.NUM_CLASSES)
+    images, boxes, classes = images.to(args.device), boxes.to(args.device), classes.to(args.device)
+    runner = Runner(cfg, args.memory_child, args, to_inputs(images, boxes, classes), None)
+    rss_before = proc_status_mib("VmRSS")
+    for _ in range(args.warmup):
+        runner.train_step()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runner.train_step()
+    result = {"peak_rss_mib": proc_status_mib("VmHWM"), "rss_before_train_mib": rss_before}
+    result["train_rss_delta_mib"] = result["peak_rss_mib"] - rss_before
+    if args.device == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(result))
+
+
+def proc_status_mib(key):
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process from Linux
+    ``/proc/self/status``; unlike ``ru_maxrss`` the peak does not inherit the parent's."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def run_memory_child(which, argv):
+    """Re-run this script as a fresh process measuring ``which``; returns its JSON dict."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", which, *argv]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def summary(samples):
+    """Median and every sample."""
+    return {"median": statistics.median(samples), "samples": samples}
+
+
+def machine_info(args):
+    """Platform, CPU count and threads, torch version and the device name."""
+    cpuinfo = {}
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = dict(
+                (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in f)
+            )
+    cpu = cpuinfo.get("model name", platform.processor())
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "cpu_avx512_bf16": "avx512_bf16" in cpuinfo.get("flags", "").split(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else cpu,
+        "loadavg_1_5_15min_at_end": os.getloadavg(),
+    }
+
+
+def ratio(results, key):
+    """KS / baseline of ``key`` (its median for timings); None when either is missing."""
+    base, ks = (results[w].get(key) for w in MODELS)
+    base, ks = (v["median"] if isinstance(v, dict) else v for v in (base, ks))
+    return ks / base if base and ks is not None else None
+
+
+def main():
+    argv = sys.argv[1:]
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return
+    cfgs = {which: build_cfg(args, which) for which in MODELS}
+    tensors = tuple(
+        t.to(args.device) for t in make_tensors(args, cfgs["baseline"].MODEL.DETR.NUM_CLASSES)
+    )
+    train_inputs, eval_inputs = to_inputs(*tensors), to_inputs(tensors[0])
+    runners = {
+        which: Runner(cfgs[which], which, args, train_inputs, eval_inputs) for which in MODELS
+    }
+    results = {
+        which: {
+            "config": (
+                args.baseline_config
+                if which == "baseline" and args.baseline_config
+                else args.config_file
+            ),
+            "ks_enabled": runners[which].model.ks_enabled,
+            "params_m": sum(p.numel() for p in runners[which].model.parameters()) / 1e6,
+            "train_step_s": [],
+            "eval_s": [],
+        }
+        for which in MODELS
+    }
+
+    for rep in range(args.warmup + args.iters):
+        order = MODELS if rep % 2 == 0 else MODELS[::-1]
+        times = {
+            which: (runners[which].train_step(), runners[which].eval_step()) for which in order
+        }
+        phase = "warmup" if rep < args.warmup else "timed"
+        log(
+            f"{phase} {rep}: "
+            + ", ".join(f"{w} train {t:.2f}s eval {e:.2f}s" for w, (t, e) in times.items())
+        )
+        if rep >= args.warmup:
+            for which, (t, e) in times.items():
+                results[which]["train_step_s"].append(t)
+                results[which]["eval_s"].append(e)
+    for which in MODELS:
+        r = results[which]
+        r["train_step_s"], r["eval_s"] = summary(r["train_step_s"]), summary(r["eval_s"])
+        for mode, train in (("eval", False), ("train", True)):
+            log(f"counting {mode} FLOPs of {which}")
+            r[f"{mode}_gflops"], error = count_gflops(runners[which].model, tensors, train)
+            if error:
+                r[f"{mode}_gflops_error"] = error
+    del runners
+    for which in MODELS:
+        log(f"measuring peak memory of {which} in a child process")
+        results[which].update(run_memory_child(which, argv))
+
+    memory_key = "peak_cuda_mib" if args.device == "cuda" else "peak_rss_mib"
+    report = {
+        "machine": machine_info(args),
+        "config_file": args.config_file,
+        "baseline_config": args.baseline_config,
+        "overrides": args.opts,
+        "batch": args.batch,
+        "size": args.size,
+        "boxes_per_image": args.boxes,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "device": args.device,
+        "bf16": args.bf16,
+        "models": results,
+        "ratios_ks_over_baseline": {
+            "train_step": ratio(results, "train_step_s"),
+            "eval": ratio(results, "eval_s"),
+            "memory": ratio(results, memory_key),
+            "train_rss_delta": ratio(results, "train_rss_delta_mib"),
+            "eval_flops": ratio(results, "eval_gflops"),
+            "train_flops": ratio(results, "train_gflops"),
+        },
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

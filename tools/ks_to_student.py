@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""Convert a KS-DETR checkpoint into the plain student (baseline) checkpoint.
+
+    python tools/ks_to_student.py output/model_final.pth ks_student.pth
+    python train_net.py --config-file configs/conditional_detr_r50.yaml --eval-only MODEL.WEIGHTS ks_student.pth
+
+The output loads strictly into the baseline config and gives the KS model's eval outputs.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ks_detr.checkpoint import load_checkpoint, student_state_dict  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="KS checkpoint (.pth written by train_net.py)")
+    parser.add_argument("output", help="where to write the student checkpoint")
+    args = parser.parse_args(argv)
+    if os.path.abspath(args.input) == os.path.abspath(args.output):
+        parser.error(f"output {args.output!r} would overwrite the input")
+    model = load_checkpoint(args.input)
+    student = student_state_dict(model)
+    dropped = sorted(set(model) - set(student))
+    if not dropped:
+        parser.error(f"{args.input} has no teacher parameters: is it a KS checkpoint?")
+    torch.save({"model": student}, args.output)
+    print(f"wrote {args.output}: {len(student)} tensors kept, {len(dropped)} teacher-only dropped")
+    for k in dropped:
+        print("  dropped", k)
+
+
+if __name__ == "__main__":
+    main()
