@@ -48,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--size", type=int, default=512, help="square image side in pixels")
     parser.add_argument("--boxes", type=int, default=10, help="GT boxes per image")
     parser.add_argument("--iters", type=int, default=5, help="timed repetitions per model")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions per model")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed repetitions per model")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast around the forward")

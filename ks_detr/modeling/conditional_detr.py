@@ -8,7 +8,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .detr import DETRBase
-from .transformer import MLP, HeadsAttention, build_activation, inverse_sigmoid, sine_embed_points
+from .transformer import MLP, Dropout, HeadsAttention, build_activation, inverse_sigmoid, sine_embed_points
 
 
 class ConditionalDecoderLayer(nn.Module):
@@ -30,8 +30,8 @@ class ConditionalDecoderLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, C)
         self.activation = build_activation(activation)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(C), nn.LayerNorm(C), nn.LayerNorm(C)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1, self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
+        self.dropout1, self.dropout2, self.dropout3 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
 
     def forward(self, tgt, memory, memory_mask, pos, query_pos, query_sine_embed):
         """tgt, query_pos, query_sine_embed: (B, Q, C); memory, pos: (B, N, C) -> (B, Q, C)."""

@@ -72,7 +72,43 @@ def sine_embed_points(points, num_feats, temperature=10000, scale=2 * math.pi):
     return torch.cat([_sine(points[..., i] * scale, num_feats, temperature) for i in order], -1)
 
 
-def multihead_attention(q, k, v, num_heads, key_padding_mask=None, dropout=0.0):
+class _ScaleByMask(torch.autograd.Function):
+    """y = x * keep * scale, saving only the bool mask for backward."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None, None
+
+
+def dropout(x, p, training):
+    """Inverted dropout. On CPU the Bernoulli(1 - p) keep mask is drawn from 16-bit random
+    integers (p rounded to 1/65536): about 2x faster than torch's CPU dropout, whose random
+    number generation dominates a CPU decoder step. Elsewhere: ``F.dropout``."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or torch.jit.is_tracing():
+        return F.dropout(x, p, True)
+    n = x.numel()
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    keep = (bits.view(torch.int16)[:n] >= -32768 + round(p * 65536)).view(x.shape)
+    return _ScaleByMask.apply(x, keep, 1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` through :func:`dropout` (same semantics, faster on CPU)."""
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
+
+
+def multihead_attention(q, k, v, num_heads, key_padding_mask=None, dropout_p=0.0):
     """Scaled dot-product attention split into heads (one fused SDPA call).
 
     Args:
@@ -87,7 +123,14 @@ def multihead_attention(q, k, v, num_heads, key_padding_mask=None, dropout=0.0):
     k = k.view(B, Lk, num_heads, -1).transpose(1, 2)
     v = v.view(B, Lk, num_heads, -1).transpose(1, 2)
     attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+    if dropout_p > 0.0 and q.device.type == "cpu" and not torch.jit.is_tracing():
+        # CPU SDPA with dropout falls back to an unfused path with slow dropout: spell it out.
+        logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        out = dropout(logits.softmax(-1), dropout_p, True) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     return out.transpose(1, 2).reshape(B, Lq, -1)
 
 
@@ -144,9 +187,9 @@ class TransformerEncoderLayer(nn.Module):
         self.activation = build_activation(activation)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
 
     def finish(self, residual, attn_out):
         """Add & norm, FFN, add & norm: (B, N, C) -> (B, N, C)."""

@@ -1,0 +1,53 @@
+"""Shared transformer pieces: fast CPU dropout and the sine embeddings, against direct formulas."""
+import math
+
+import torch
+
+from ks_detr.modeling.transformer import dropout, multihead_attention, sine_embed_points, sine_position_embedding
+
+
+def test_dropout_keeps_one_minus_p_and_rescales():
+    torch.manual_seed(0)
+    x = torch.randn(1000, 1000, requires_grad=True)
+    y = dropout(x, 0.1, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # 1e6 draws: std 3e-4
+    torch.testing.assert_close(y[kept], x[kept] / 0.9)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)
+    assert dropout(x, 0.1, training=False) is x
+    # different calls draw different masks
+    assert not torch.equal(dropout(x, 0.5, True) != 0, dropout(x, 0.5, True) != 0)
+
+
+def test_attention_dropout_path_matches_sdpa_without_dropout():
+    """With p -> 0 the explicit CPU dropout path equals SDPA (padding masked in both)."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 5, 16), torch.randn(2, 7, 16), torch.randn(2, 7, 8)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    ref = multihead_attention(q, k, v, 4, pad, 0.0)
+    out = multihead_attention(q, k, v, 4, pad, 1e-9)  # explicit path, keeps every element
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sine_position_embedding_formula():
+    mask = torch.zeros(1, 3, 4, dtype=torch.bool)
+    mask[0, :, 3] = True  # last column is padding
+    pos = sine_position_embedding(mask, num_pos_feats=8, temperature=10000)
+    assert pos.shape == (1, 3, 4, 16)
+    i, j, c = 1, 2, 5  # row 1, column 2, channel 5 of the x half
+    x = (j + 1) / (3 + 1e-6) * 2 * math.pi  # cumulative count over the 3 valid columns
+    expect = math.cos(x / 10000 ** (2 * (c // 2) / 8))  # odd channel -> cos
+    assert math.isclose(pos[0, i, j, 8 + c].item(), expect, rel_tol=1e-5)
+    y = (i + 1) / (3 + 1e-6) * 2 * math.pi
+    assert math.isclose(pos[0, i, j, 4].item(), math.sin(y / 10000 ** (4 / 8)), rel_tol=1e-5)
+
+
+def test_sine_embed_points_orders_y_then_x():
+    p = torch.tensor([[0.25, 0.75]])
+    e = sine_embed_points(p, num_feats=4)
+    y, x = 0.75 * 2 * math.pi, 0.25 * 2 * math.pi
+    expect = [math.sin(y), math.cos(y), math.sin(y / 100), math.cos(y / 100),
+              math.sin(x), math.cos(x), math.sin(x / 100), math.cos(x / 100)]
+    torch.testing.assert_close(e[0], torch.tensor(expect), rtol=1e-5, atol=1e-6)
