@@ -1,11 +1,11 @@
 """ks-detr: KS-DETR (knowledge sharing in attention learning) as a detectron2 extension.
 
-Importing the package registers the meta-architectures (``ConditionalDETR``,
-``KSConditionalDETR``) and the ``trees_train`` / ``trees_val`` datasets.
+Importing the package registers the meta-architectures (``ConditionalDETR``, ``DABDETR``,
+``DNDETR`` and their ``KS*`` names) and the ``trees_train`` / ``trees_val`` datasets.
 """
 from .config import add_ks_detr_config, check_ks_detr_config
 from .data import DetrDatasetMapper
-from .modeling import ConditionalDETR, DETRBase, KSConditionalDETR
+from .modeling import DABDETR, DNDETR, ConditionalDETR, DETRBase, KSConditionalDETR, KSDABDETR, KSDNDETR
 from .solver import build_optimizer
 
 __version__ = "0.1.0"
@@ -17,4 +17,8 @@ __all__ = [
     "DETRBase",
     "ConditionalDETR",
     "KSConditionalDETR",
+    "DABDETR",
+    "KSDABDETR",
+    "DNDETR",
+    "KSDNDETR",
 ]

@@ -33,6 +33,10 @@ def add_ks_detr_config(cfg):
     _C.FOCAL_ALPHA = 0.25  # focal loss alpha (loss and matcher)
     _C.FOCAL_GAMMA = 2.0  # focal loss gamma (loss and matcher)
     _C.AUX_LOSS = True  # loss on every decoder layer, not only the last
+    _C.DN = CN()  # denoising queries (DN-DETR family only)
+    _C.DN.GROUPS = 5  # noised copies of every GT box per image (0 = off)
+    _C.DN.LABEL_NOISE = 0.2  # probability of flipping a denoising query's label
+    _C.DN.BOX_NOISE = 0.4  # box noise scale (centre by up to scale*wh/2, size by up to scale*wh)
 
     cfg.MODEL.KS = CN()
     _K = cfg.MODEL.KS
@@ -74,6 +78,11 @@ def check_ks_detr_config(cfg):
         _fail("MODEL.DETR.ACTIVATION", d.ACTIVATION, f"choose one of {ACTIVATIONS}")
     if d.NUM_TOPK_TEST < 1:
         _fail("MODEL.DETR.NUM_TOPK_TEST", d.NUM_TOPK_TEST, "must be >= 1")
+    if d.DN.GROUPS < 0:
+        _fail("MODEL.DETR.DN.GROUPS", d.DN.GROUPS, "must be >= 0")
+    for key in ("LABEL_NOISE", "BOX_NOISE"):
+        if not 0.0 <= d.DN[key] <= 1.0:
+            _fail(f"MODEL.DETR.DN.{key}", d.DN[key], "must be in [0, 1]")
     if ks.MODE not in KS_MODES:
         _fail("MODEL.KS.MODE", ks.MODE, f"choose one of {KS_MODES}")
     if not ks.ENCODER_LAYERS:

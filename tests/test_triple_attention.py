@@ -72,10 +72,9 @@ def test_later_ks_layer_keeps_each_stream_kind():
     attn = TripleAttention(C, 2).double()
     x, pos, xt = (torch.randn(3 * B, N, C).double() for _ in range(3))
     pad = torch.zeros(B, N, dtype=torch.bool)
-    out = attn.forward_ks(x, pos.narrow(0, 0, B), xt, pad, streams_in=3)
-    p = pos[0]
+    out = attn.forward_ks(x, pos, xt, pad, streams_in=3)
     for s, kind in enumerate("sav"):
-        ref = reference(attn, x[s], p, xt[s], pad[0])[kind]
+        ref = reference(attn, x[s], pos[s], xt[s], pad[0])[kind]
         torch.testing.assert_close(out[s], ref, rtol=1e-10, atol=1e-10)
 
 

@@ -33,11 +33,15 @@ class ConditionalDecoderLayer(nn.Module):
         self.dropout = Dropout(dropout)
         self.dropout1, self.dropout2, self.dropout3 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
 
-    def forward(self, tgt, memory, memory_mask, pos, query_pos, query_sine_embed):
-        """tgt, query_pos, query_sine_embed: (B, Q, C); memory, pos: (B, N, C) -> (B, Q, C)."""
+    def forward(self, tgt, memory, memory_mask, pos, query_pos, query_sine_embed, self_attn_mask=None):
+        """tgt, query_pos, query_sine_embed: (B, Q, C); memory, pos: (B, N, C) -> (B, Q, C).
+
+        ``self_attn_mask``: (Q, Q) bool, True = query i must not see query j (denoising groups).
+        """
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, self.sa_v_proj(tgt))))
+        sa = self.self_attn(q, k, self.sa_v_proj(tgt), attn_mask=self_attn_mask)
+        tgt = self.norm1(tgt + self.dropout1(sa))
 
         B, Q, C = tgt.shape
         N, h = memory.shape[1], self.nhead
@@ -96,12 +100,12 @@ class ConditionalDETR(DETRBase):
         self.query_embed = nn.Embedding(d.NUM_QUERIES, d.HIDDEN_DIM)
         return ConditionalDecoder(d.DEC_LAYERS, d.HIDDEN_DIM, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT, d.ACTIVATION)
 
-    def decode(self, memory, memory_mask, pos):
+    def decode(self, memory, memory_mask, pos, targets=None):
         query_pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)
         hs, reference = self.decoder(memory, memory_mask, pos, query_pos)
         boxes = self.bbox_embed(hs)
         boxes = torch.cat([boxes[..., :2] + inverse_sigmoid(reference), boxes[..., 2:]], -1).sigmoid()
-        return hs, boxes
+        return hs, boxes, None
 
 
 @META_ARCH_REGISTRY.register()

@@ -9,8 +9,9 @@ class SetCriterion(nn.Module):
     """Weighted DETR losses over a list of decoder outputs, each matched on its own.
 
     Every output is a dict ``{"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4) cxcywh,
-    "suffix": str, "weight": float}``; the returned dict has ``loss_{class,bbox,giou}{suffix}``
-    already multiplied by the loss weight and the output's weight.
+    "suffix": str, "weight": float}`` and optionally ``"dn": {"pred_logits", "pred_boxes", "groups",
+    "group_size"}`` (denoising queries, whose targets are known: no matching). The returned dict has
+    ``loss_{class,bbox,giou}[_dn]{suffix}`` multiplied by the loss weight and the output's weight.
     """
 
     def __init__(self, matcher, num_classes, class_weight=2.0, bbox_weight=5.0, giou_weight=2.0,
@@ -28,9 +29,9 @@ class SetCriterion(nn.Module):
             torch.distributed.all_reduce(n)
         return (n / comm.get_world_size()).clamp(min=1).item()
 
-    def single(self, pred_logits, pred_boxes, targets, num_boxes):
-        """Unweighted losses of one output: dict loss_class / loss_bbox / loss_giou (scalars)."""
-        indices = self.matcher(pred_logits, pred_boxes, targets)
+    def losses(self, pred_logits, pred_boxes, targets, indices, num_boxes):
+        """Unweighted loss_class / loss_bbox / loss_giou of one output for given (query, target)
+        index pairs per image; every unassigned query is a negative for every class."""
         batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
         query_idx = torch.cat([q for q, _ in indices])
         onehot = torch.zeros_like(pred_logits)
@@ -48,10 +49,29 @@ class SetCriterion(nn.Module):
             "loss_giou": loss_giou / num_boxes,
         }
 
+    @staticmethod
+    def dn_indices(targets, groups, group_size, device):
+        """Denoising query k * group_size + j reconstructs target j of its image (every group k)."""
+        out = []
+        for t in targets:
+            j = torch.arange(len(t["labels"]), device=device)
+            q = (torch.arange(groups, device=device)[:, None] * group_size + j).flatten()
+            out.append((q, j.repeat(groups)))
+        return out
+
     def forward(self, outputs, targets):
-        num_boxes = self.num_boxes(targets, outputs[0]["pred_logits"].device)
+        device = outputs[0]["pred_logits"].device
+        num_boxes = self.num_boxes(targets, device)
         losses = {}
         for out in outputs:
-            for name, value in self.single(out["pred_logits"], out["pred_boxes"], targets, num_boxes).items():
-                losses[name + out["suffix"]] = value * self.weights[name] * out["weight"]
+            indices = self.matcher(out["pred_logits"], out["pred_boxes"], targets)
+            parts = {"": self.losses(out["pred_logits"], out["pred_boxes"], targets, indices, num_boxes)}
+            dn = out.get("dn")
+            if dn:
+                idx = self.dn_indices(targets, dn["groups"], dn["group_size"], device)
+                parts["_dn"] = self.losses(dn["pred_logits"], dn["pred_boxes"], targets, idx,
+                                           num_boxes * dn["groups"])
+            for tag, values in parts.items():
+                for name, value in values.items():
+                    losses[name + tag + out["suffix"]] = value * self.weights[name] * out["weight"]
         return losses

@@ -51,8 +51,9 @@ class DETRBase(nn.Module):
         ks_layers = {i % d.ENC_LAYERS for i in ks.ENCODER_LAYERS} if self.ks_enabled else set()
         layer_args = (C, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT, d.ACTIVATION)
         self.encoder = TransformerEncoder(
-            KSEncoderLayer(*layer_args, mode=ks.MODE) if i in ks_layers else TransformerEncoderLayer(*layer_args)
-            for i in range(d.ENC_LAYERS)
+            [KSEncoderLayer(*layer_args, mode=ks.MODE) if i in ks_layers else TransformerEncoderLayer(*layer_args)
+             for i in range(d.ENC_LAYERS)],
+            pos_scale=self.build_encoder_pos_scale(cfg),
         )
         self.decoder = self.build_decoder(cfg)
         self.class_embed = nn.Linear(C, self.num_classes)
@@ -74,17 +75,24 @@ class DETRBase(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
 
     # ---- family hooks ---------------------------------------------------------------------
+    def build_encoder_pos_scale(self, cfg):
+        """Module mapping encoder tokens to a scale of their position embedding, or None."""
+        return None
+
     def build_decoder(self, cfg):
         """Return the family's decoder module."""
         raise NotImplementedError
 
-    def decode(self, memory, memory_mask, pos):
+    def decode(self, memory, memory_mask, pos, targets=None):
         """Run the decoder on (stacked) memories.
 
         Args:
-            memory, pos: (B', N, C); memory_mask: (B', N) True = padding (B' = streams * B).
+            memory, pos: (B', N, C); memory_mask: (B', N) True = padding; B' = streams * B.
+            targets: the B images' targets in training (denoising families noise them), else None.
         Returns:
-            hs (L, B', Q, C) normalised decoder states and boxes (L, B', Q, 4) sigmoid cxcywh.
+            hs (L, B', P+Q, C) normalised decoder states, boxes (L, B', P+Q, 4) sigmoid cxcywh and
+            the denoising metadata (``dict(groups, group_size)``, P = groups * group_size leading
+            denoising queries) or None when there are none.
         """
         raise NotImplementedError
 
@@ -139,36 +147,38 @@ class DETRBase(nn.Module):
             ks_inputs = (fg, self.ks_smlp)
         memory = self.encoder(src, pos, key_mask, ks_inputs)
         S = memory.shape[0] // B
-        hs, boxes = self.decode(memory, key_mask.repeat(S, 1), pos.repeat(S, 1, 1))
+        targets = self.prepare_targets(batched_inputs) if self.training else None
+        hs, boxes, dn = self.decode(memory, key_mask.repeat(S, 1), pos.repeat(S, 1, 1), targets)
         logits = self.class_embed(hs)
 
         if self.training:
-            targets = self.prepare_targets(batched_inputs)
-            return self.criterion(self.loss_outputs(logits, boxes, B), targets)
+            return self.criterion(self.loss_outputs(logits, boxes, B, dn), targets)
         return self.inference(logits[-1], boxes[-1], images.image_sizes, batched_inputs)
 
-    def loss_outputs(self, logits, boxes, batch):
+    def loss_outputs(self, logits, boxes, batch, dn=None):
         """Outputs that get a loss: the student's last layer (no suffix), its earlier layers
         (``_i``) and the last ``TEACHER_DECODER_LAYERS`` of every teacher (``_ks_{a|v}[_i]``).
 
-        logits: (L, S*B, Q, K), boxes: (L, S*B, Q, 4).
+        logits: (L, S*B, P+Q, K), boxes: (L, S*B, P+Q, 4); the P leading denoising queries (``dn``)
+        become each output's "dn" entry.
         """
-        L = logits.shape[0]
-        out = [dict(pred_logits=logits[-1, :batch], pred_boxes=boxes[-1, :batch], suffix="", weight=1.0)]
+        L, S = logits.shape[0], logits.shape[1] // batch
+        P = dn["groups"] * dn["group_size"] if dn else 0
+        kept = [(L - 1, 0, "", 1.0)]
         if self.aux_loss:
-            out += [
-                dict(pred_logits=logits[i, :batch], pred_boxes=boxes[i, :batch], suffix=f"_{i}", weight=1.0)
-                for i in range(L - 1)
-            ]
-        S = logits.shape[1] // batch
+            kept += [(i, 0, f"_{i}", 1.0) for i in range(L - 1)]
         for s in range(1, S):
-            kind = self.ks_streams[s]
-            sl = slice(s * batch, (s + 1) * batch)
             for i in range(L - self.ks_teacher_layers, L):
-                suffix = f"_ks_{kind}" + ("" if i == L - 1 else f"_{i}")
-                out.append(dict(pred_logits=logits[i, sl], pred_boxes=boxes[i, sl], suffix=suffix,
-                                weight=self.ks_teacher_weight))
-        return out
+                suffix = f"_ks_{self.ks_streams[s]}" + ("" if i == L - 1 else f"_{i}")
+                kept.append((i, s, suffix, self.ks_teacher_weight))
+        outputs = []
+        for i, s, suffix, weight in kept:
+            lg, bx = logits[i, s * batch : (s + 1) * batch], boxes[i, s * batch : (s + 1) * batch]
+            out = dict(pred_logits=lg[:, P:], pred_boxes=bx[:, P:], suffix=suffix, weight=weight)
+            if dn:
+                out["dn"] = dict(dn, pred_logits=lg[:, :P], pred_boxes=bx[:, :P])
+            outputs.append(out)
+        return outputs
 
     def prepare_targets(self, batched_inputs):
         """GT Instances -> list of {"labels" (M,), "boxes" (M, 4) cxcywh normalised by image size}."""

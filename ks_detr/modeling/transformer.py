@@ -108,12 +108,13 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-def multihead_attention(q, k, v, num_heads, key_padding_mask=None, dropout_p=0.0):
+def multihead_attention(q, k, v, num_heads, key_padding_mask=None, dropout_p=0.0, attn_mask=None):
     """Scaled dot-product attention split into heads (one fused SDPA call).
 
     Args:
         q: (B, Lq, E); k: (B, Lk, E); v: (B, Lk, Ev); E and Ev divisible by ``num_heads``.
         key_padding_mask: (B, Lk) bool, True = ignore this key.
+        attn_mask: (Lq, Lk) bool, True = query i must not see key j (denoising groups).
     Returns:
         (B, Lq, Ev)
     """
@@ -122,7 +123,12 @@ def multihead_attention(q, k, v, num_heads, key_padding_mask=None, dropout_p=0.0
     q = q.view(B, Lq, num_heads, -1).transpose(1, 2)
     k = k.view(B, Lk, num_heads, -1).transpose(1, 2)
     v = v.view(B, Lk, num_heads, -1).transpose(1, 2)
-    attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    blocked = None  # (B or 1, 1, Lq or 1, Lk), True = blocked
+    if key_padding_mask is not None:
+        blocked = key_padding_mask[:, None, None, :]
+    if attn_mask is not None:
+        blocked = attn_mask[None, None] if blocked is None else blocked | attn_mask[None, None]
+    attn_mask = None if blocked is None else ~blocked
     if dropout_p > 0.0 and q.device.type == "cpu" and not torch.jit.is_tracing():
         # CPU SDPA with dropout falls back to an unfused path with slow dropout: spell it out.
         logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -147,10 +153,11 @@ class HeadsAttention(nn.Module):
         self.out_proj = nn.Linear(value_dim, value_dim)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, q, k, v, key_padding_mask=None):
-        """q: (B, Lq, E), k: (B, Lk, E), v: (B, Lk, C_v) -> (B, Lq, C_v)."""
+    def forward(self, q, k, v, key_padding_mask=None, attn_mask=None):
+        """q: (B, Lq, E), k: (B, Lk, E), v: (B, Lk, C_v) -> (B, Lq, C_v); masks as in
+        :func:`multihead_attention`."""
         drop = self.dropout if self.training else 0.0
-        return self.out_proj(multihead_attention(q, k, v, self.num_heads, key_padding_mask, drop))
+        return self.out_proj(multihead_attention(q, k, v, self.num_heads, key_padding_mask, drop, attn_mask))
 
 
 class MultiheadAttention(HeadsAttention):
@@ -207,11 +214,13 @@ class TransformerEncoder(nn.Module):
 
     ``layers[i]`` may be a :class:`ks_detr.modeling.ks.KSEncoderLayer`, which in training with a
     foreground mask turns ``(B, N, C)`` into ``(S*B, N, C)``; later layers then run on all streams.
+    With ``pos_scale`` (DAB-DETR) every layer sees ``pos * pos_scale(x)``.
     """
 
-    def __init__(self, layers):
+    def __init__(self, layers, pos_scale=None):
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.query_scale = pos_scale
 
     def forward(self, x, pos, key_padding_mask, ks_inputs=None):
         """x, pos: (B, N, C), key_padding_mask (B, N) -> (S*B, N, C), S = 1 without teachers.
@@ -221,11 +230,12 @@ class TransformerEncoder(nn.Module):
         batch, streams = x.shape[0], 1
         pos_s, mask_s = pos, key_padding_mask  # repeated once per stream
         for layer in self.layers:
+            layer_pos = pos_s if self.query_scale is None else pos_s * self.query_scale(x)
             if ks_inputs is not None and getattr(layer, "is_ks_layer", False):
-                x = layer.forward_ks(x, pos, key_padding_mask, *ks_inputs, streams)
+                x = layer.forward_ks(x, layer_pos, key_padding_mask, *ks_inputs, streams)
                 if x.shape[0] // batch != streams:
                     streams = x.shape[0] // batch
                     pos_s, mask_s = pos.repeat(streams, 1, 1), key_padding_mask.repeat(streams, 1)
             else:
-                x = layer(x, pos_s, mask_s)
+                x = layer(x, layer_pos, mask_s)
         return x

@@ -41,13 +41,12 @@ class TripleAttention(MultiheadAttention):
         """Attention of every stream before the residual.
 
         Args:
-            x: (S_in*B, N, C) layer input, S_in = 1 (only the student) or len(self.streams).
-            pos: (B, N, C); x_tilde: sMLP(x), same shape as x; key_padding_mask: (B, N).
+            x, pos: (S_in*B, N, C) layer input and its position embedding, S_in = 1 (only the
+                student) or len(self.streams); x_tilde: sMLP(x); key_padding_mask: (B, N).
         Returns:
             (S*B, N, C), streams ordered as ``self.streams``.
         """
         S = len(self.streams)
-        pos = pos.repeat(streams_in, 1, 1)
         student = self.project(x, pos, self.in_proj_weight, self.in_proj_bias)
         teacher = self.project(x_tilde, pos, self.teacher_in_proj_weight, self.teacher_in_proj_bias)
         chunks = [[t.chunk(streams_in) for t in student], [t.chunk(streams_in) for t in teacher]]
@@ -77,7 +76,7 @@ class KSEncoderLayer(TransformerEncoderLayer):
                          attention=TripleAttention(d_model, nhead, dropout, mode))
 
     def forward_ks(self, x, pos, key_padding_mask, fg_mask, smlp, streams_in):
-        """x: (S_in*B, N, C), pos: (B, N, C), masks (B, N) -> (S*B, N, C)."""
+        """x, pos: (S_in*B, N, C), masks (B, N) -> (S*B, N, C)."""
         x_tilde = smlp(x, fg_mask.repeat(streams_in, 1))
         attn = self.self_attn.forward_ks(x, pos, x_tilde, key_padding_mask, streams_in)
         S = len(self.self_attn.streams)
