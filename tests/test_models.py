@@ -13,18 +13,20 @@ from fvcore.nn import FlopCountAnalysis
 from conftest import REPO, make_cfg, toy_inputs
 
 SMALL = ("MODEL.DETR.NUM_QUERIES", 50)  # keeps matching cheap; the architecture is unchanged
+FAMILIES = ["conditional_detr", "dab_detr", "dn_detr"]
+R50_CONFIGS = [f"configs/{ks}{f}_r50.yaml" for f in FAMILIES for ks in ("", "ks_")]
 
 
-@pytest.mark.parametrize("config", ["configs/conditional_detr_r50.yaml", "configs/ks_conditional_detr_r50.yaml"])
+@pytest.mark.parametrize("config", R50_CONFIGS)
 def test_one_train_step(config):
     torch.manual_seed(0)
     model = build_model(make_cfg(config, *SMALL))
     model.train()
     with EventStorage():
         losses = model(toy_inputs())
-    ks = "ks_" in os.path.basename(config)
+    ks, dn = "ks_" in os.path.basename(config), "dn_detr" in config
     n_out = 6 + (2 if ks else 0)  # 6 student layers (+ last layer of 2 teachers)
-    assert len(losses) == 3 * n_out
+    assert len(losses) == 3 * n_out * (2 if dn else 1)  # (+ denoising losses on every output)
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -35,6 +37,9 @@ def test_one_train_step(config):
             assert grads[name].abs().sum() > 0, name
     else:
         assert not any("teacher" in n or "ks_" in n for n in grads)
+    if dn:
+        assert {"loss_bbox_dn", "loss_giou_dn_0"} <= set(losses)
+        assert ks == ({"loss_class_dn_ks_a", "loss_bbox_dn_ks_v"} <= set(losses))
 
 
 def test_ks_modes_and_teacher_layers():
@@ -55,9 +60,10 @@ def eval_outputs(model, inputs):
         return [r["instances"] for r in model([{"image": x["image"]} for x in inputs])]
 
 
-def test_ks_eval_equals_baseline_with_converted_weights(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ks_eval_equals_baseline_with_converted_weights(tmp_path, family):
     torch.manual_seed(0)
-    ks_model = build_model(make_cfg("configs/ks_conditional_detr_r50.yaml", *SMALL))
+    ks_model = build_model(make_cfg(f"configs/ks_{family}_r50.yaml", *SMALL))
     with EventStorage():  # one update so that student and teacher weights are not at init
         sum(ks_model(toy_inputs()).values()).backward()
     with torch.no_grad():
@@ -68,7 +74,7 @@ def test_ks_eval_equals_baseline_with_converted_weights(tmp_path):
     torch.save({"model": ks_model.state_dict(), "iteration": 1}, ks_path)
     subprocess.run([sys.executable, os.path.join(REPO, "tools/ks_to_student.py"), str(ks_path), str(student_path)],
                    check=True)
-    base = build_model(make_cfg("configs/conditional_detr_r50.yaml", *SMALL))
+    base = build_model(make_cfg(f"configs/{family}_r50.yaml", *SMALL))
     base.load_state_dict(torch.load(student_path, weights_only=True)["model"], strict=True)
 
     inputs = toy_inputs(sizes=((224, 200), (160, 240)))

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 SMALL_RUN = [
@@ -65,3 +67,13 @@ def test_train_eval_resume_and_student_eval(tmp_path):
         with open(tmp_path / d / "inference" / "coco_instances_results.json") as f:
             preds.append(json.load(f))
     assert len(preds[0]) == 2 * 100 and preds[0] == preds[1]  # every box and score identical
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(c for c in os.listdir(os.path.join(REPO, "configs"))
+                                          if c.endswith("_r50.yaml")))
+def test_every_r50_config_trains_and_evaluates(tmp_path, config):
+    """`pytest -m slow`: each R50 config, 3 iterations on trees_train, then COCO AP on trees_val."""
+    log = run("--config-file", os.path.join("configs", config), *SMALL_RUN, "SOLVER.MAX_ITER", "3",
+              "OUTPUT_DIR", str(tmp_path))
+    assert len(coco_ap(log)) == 6
