@@ -13,7 +13,9 @@ def add_ks_detr_config(cfg):
     cfg.MODEL.DETR = CN()
     _C = cfg.MODEL.DETR
     _C.NUM_CLASSES = 80  # foreground classes (sigmoid focal head, no "no-object" row)
-    _C.IN_FEATURE = "res5"  # backbone feature map fed to the transformer
+    _C.IN_FEATURES = ["res5"]  # backbone feature maps fed to the transformer (one per level)
+    _C.NUM_FEATURE_LEVELS = 1  # levels; more than IN_FEATURES adds stride-2 convs (Deformable)
+    _C.POS_OFFSET = 0.0  # offset of the normalised sine position cumsum (Deformable: -0.5)
     _C.HIDDEN_DIM = 256  # transformer width C
     _C.NHEADS = 8  # attention heads
     _C.ENC_LAYERS = 6  # encoder layers
@@ -68,6 +70,9 @@ def check_ks_detr_config(cfg):
     for key in ("NUM_CLASSES", "HIDDEN_DIM", "NHEADS", "ENC_LAYERS", "DEC_LAYERS", "NUM_QUERIES"):
         if int(d[key]) < 1:
             _fail(f"MODEL.DETR.{key}", d[key], "must be >= 1")
+    if d.NUM_FEATURE_LEVELS < len(d.IN_FEATURES) or not d.IN_FEATURES:
+        _fail("MODEL.DETR.NUM_FEATURE_LEVELS", d.NUM_FEATURE_LEVELS,
+              f"needs at least one level per MODEL.DETR.IN_FEATURES={list(d.IN_FEATURES)}")
     if d.HIDDEN_DIM % d.NHEADS:
         _fail("MODEL.DETR.HIDDEN_DIM", d.HIDDEN_DIM, f"must be divisible by NHEADS={d.NHEADS}")
     if d.HIDDEN_DIM % 2:

@@ -79,6 +79,6 @@ def test_invalid_values_name_key_and_value(key, value):
 
 
 def test_bad_in_feature_is_named():
-    cfg = make_cfg("configs/conditional_detr_r50.yaml", "MODEL.DETR.IN_FEATURE", "res4")
-    with pytest.raises(ValueError, match="MODEL.DETR.IN_FEATURE='res4'"):
+    cfg = make_cfg("configs/conditional_detr_r50.yaml", "MODEL.DETR.IN_FEATURES", ["res4"])
+    with pytest.raises(ValueError, match=r"MODEL.DETR.IN_FEATURES=\['res4'\]"):
         build_model(cfg)

@@ -100,7 +100,7 @@ class ConditionalDETR(DETRBase):
         self.query_embed = nn.Embedding(d.NUM_QUERIES, d.HIDDEN_DIM)
         return ConditionalDecoder(d.DEC_LAYERS, d.HIDDEN_DIM, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT, d.ACTIVATION)
 
-    def decode(self, memory, memory_mask, pos, targets=None):
+    def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
         query_pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)
         hs, reference = self.decoder(memory, memory_mask, pos, query_pos)
         boxes = self.bbox_embed(hs)

@@ -70,7 +70,7 @@ class DABDETR(DETRBase):
         anchors = self.refpoint_embed.weight[None].expand(rows, -1, -1)
         return torch.zeros_like(anchors[..., :1]).expand(-1, -1, self.hidden_dim), anchors, None, None
 
-    def decode(self, memory, memory_mask, pos, targets=None):
+    def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
         tgt, anchors, attn_mask, dn = self.queries(targets, memory.shape[0])
         hs, refs = self.decoder(tgt, memory, memory_mask, pos, anchors, self.bbox_embed, attn_mask)
         boxes = (self.bbox_embed(hs) + inverse_sigmoid(refs)).sigmoid()

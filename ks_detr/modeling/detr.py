@@ -14,9 +14,15 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from .criterion import SetCriterion
-from .ks import SMLP, STREAMS, KSEncoderLayer, box_canvas, fg_token_mask
+from .ks import SMLP, STREAMS, KSEncoderLayer, TripleAttention, box_canvas, fg_token_mask
 from .matcher import HungarianMatcher
-from .transformer import MLP, TransformerEncoder, TransformerEncoderLayer, sine_position_embedding
+from .transformer import (
+    MLP,
+    MultiheadAttention,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+    sine_position_embedding,
+)
 
 
 class DETRBase(nn.Module):
@@ -37,21 +43,24 @@ class DETRBase(nn.Module):
         self.num_topk = d.NUM_TOPK_TEST
         self.aux_loss = d.AUX_LOSS
         self.pos_temperature = d.POS_TEMPERATURE
+        self.pos_offset = d.POS_OFFSET
 
         self.backbone = build_backbone(cfg)
-        self.in_feature = d.IN_FEATURE
+        self.in_features = list(d.IN_FEATURES)
         shapes = self.backbone.output_shape()
-        if self.in_feature not in shapes:
+        missing = [f for f in self.in_features if f not in shapes]
+        if missing:
             raise ValueError(
-                f"Invalid config MODEL.DETR.IN_FEATURE={self.in_feature!r}: the backbone gives "
+                f"Invalid config MODEL.DETR.IN_FEATURES={self.in_features!r}: the backbone gives "
                 f"{sorted(shapes)} (set MODEL.RESNETS.OUT_FEATURES)"
             )
-        self.input_proj = nn.Conv2d(shapes[self.in_feature].channels, C, kernel_size=1)
+        self.input_proj = self.build_input_proj(cfg, [shapes[f] for f in self.in_features])
 
         ks_layers = {i % d.ENC_LAYERS for i in ks.ENCODER_LAYERS} if self.ks_enabled else set()
         layer_args = (C, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT, d.ACTIVATION)
         self.encoder = TransformerEncoder(
-            [KSEncoderLayer(*layer_args, mode=ks.MODE) if i in ks_layers else TransformerEncoderLayer(*layer_args)
+            [KSEncoderLayer(*layer_args, attention=self.build_encoder_attention(cfg, ks.MODE)) if i in ks_layers
+             else TransformerEncoderLayer(*layer_args, attention=self.build_encoder_attention(cfg, None))
              for i in range(d.ENC_LAYERS)],
             pos_scale=self.build_encoder_pos_scale(cfg),
         )
@@ -75,6 +84,35 @@ class DETRBase(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
 
     # ---- family hooks ---------------------------------------------------------------------
+    def build_input_proj(self, cfg, shapes):
+        """Projection of the backbone features to the transformer width (one 1x1 conv)."""
+        if len(shapes) != 1:
+            raise ValueError(f"Invalid config MODEL.DETR.IN_FEATURES={self.in_features!r}: "
+                             f"{type(self).__name__} uses one feature map")
+        return nn.Conv2d(shapes[0].channels, cfg.MODEL.DETR.HIDDEN_DIM, kernel_size=1)
+
+    def build_encoder_attention(self, cfg, ks_mode):
+        """Encoder self-attention: the plain one, or the triple attention when ``ks_mode`` is set."""
+        d = cfg.MODEL.DETR
+        if ks_mode is None:
+            return MultiheadAttention(d.HIDDEN_DIM, d.NHEADS, d.DROPOUT)
+        return TripleAttention(d.HIDDEN_DIM, d.NHEADS, d.DROPOUT, ks_mode)
+
+    def embed_features(self, features, pixel_mask):
+        """Backbone features -> encoder tokens.
+
+        Args:
+            features: dict of (B, C_l, h_l, w_l) backbone maps; pixel_mask: (B, H, W) True = padding.
+        Returns:
+            src, pos (B, N, C); key_mask (B, N) True = padding; token grids [(h, w)] and their
+            valid-token masks [(B, h, w)] (for the Fg-Bg mask); the multi-scale context or None.
+        """
+        feat = features[self.in_features[0]]
+        mask = F.interpolate(pixel_mask[None].float(), size=feat.shape[-2:])[0].bool()
+        pos = sine_position_embedding(mask, self.hidden_dim // 2, self.pos_temperature, self.pos_offset)
+        src = self.input_proj(feat).flatten(2).transpose(1, 2)
+        return src, pos.flatten(1, 2), mask.flatten(1), [tuple(feat.shape[-2:])], [~mask], None
+
     def build_encoder_pos_scale(self, cfg):
         """Module mapping encoder tokens to a scale of their position embedding, or None."""
         return None
@@ -83,12 +121,13 @@ class DETRBase(nn.Module):
         """Return the family's decoder module."""
         raise NotImplementedError
 
-    def decode(self, memory, memory_mask, pos, targets=None):
+    def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
         """Run the decoder on (stacked) memories.
 
         Args:
             memory, pos: (B', N, C); memory_mask: (B', N) True = padding; B' = streams * B.
             targets: the B images' targets in training (denoising families noise them), else None.
+            ctx: the multi-scale context of the memory (B' rows), or None.
         Returns:
             hs (L, B', P+Q, C) normalised decoder states, boxes (L, B', P+Q, 4) sigmoid cxcywh and
             the denoising metadata (``dict(groups, group_size)``, P = groups * group_size leading
@@ -131,24 +170,21 @@ class DETRBase(nn.Module):
         Returns a dict of losses in training, else ``[{"instances": Instances}]`` per image.
         """
         images, pixel_mask = self.preprocess_image(batched_inputs)
-        feat = self.backbone(images.tensor)[self.in_feature]
-        mask = F.interpolate(pixel_mask[None].float(), size=feat.shape[-2:])[0].bool()
-        B, _, h, w = feat.shape
-        pos = sine_position_embedding(mask, self.hidden_dim // 2, self.pos_temperature)
-        src = self.input_proj(feat).flatten(2).transpose(1, 2)
-        pos, key_mask = pos.flatten(1, 2), mask.flatten(1)
+        features = self.backbone(images.tensor)
+        src, pos, key_mask, token_shapes, valid_masks, ctx = self.embed_features(features, pixel_mask)
+        B = src.shape[0]
 
-        teach = self.training and self.ks_enabled
         ks_inputs = None
-        if teach:
+        if self.training and self.ks_enabled:
             gt = [x["instances"].gt_boxes.tensor.to(self.device) for x in batched_inputs]
             canvas = box_canvas(gt, images.image_sizes, images.tensor.shape[-2:], self.ks_pad_pixels)
-            fg = fg_token_mask(canvas, [(h, w)], [~mask], self.ks_sampling)
+            fg = fg_token_mask(canvas, token_shapes, valid_masks, self.ks_sampling)
             ks_inputs = (fg, self.ks_smlp)
-        memory = self.encoder(src, pos, key_mask, ks_inputs)
+        memory = self.encoder(src, pos, key_mask, ks_inputs, ctx)
         S = memory.shape[0] // B
         targets = self.prepare_targets(batched_inputs) if self.training else None
-        hs, boxes, dn = self.decode(memory, key_mask.repeat(S, 1), pos.repeat(S, 1, 1), targets)
+        ctx = None if ctx is None else ctx.repeat(S)
+        hs, boxes, dn = self.decode(memory, key_mask.repeat(S, 1), pos.repeat(S, 1, 1), targets, ctx)
         logits = self.class_embed(hs)
 
         if self.training:

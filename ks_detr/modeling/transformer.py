@@ -36,19 +36,20 @@ class MLP(nn.Module):
         return x
 
 
-def sine_position_embedding(mask, num_pos_feats, temperature, scale=2 * math.pi, eps=1e-6):
+def sine_position_embedding(mask, num_pos_feats, temperature, offset=0.0, scale=2 * math.pi, eps=1e-6):
     """DETR's normalised 2-D sine embedding of a padded feature map.
 
     Args:
         mask: (B, H, W) bool, True = padding.
+        offset: added to the running count before normalising (Deformable DETR: -0.5).
     Returns:
         (B, H, W, 2 * num_pos_feats): y features then x features.
     """
     not_mask = (~mask).to(torch.float32)
     y = not_mask.cumsum(1)
     x = not_mask.cumsum(2)
-    y = y / (y[:, -1:, :] + eps) * scale
-    x = x / (x[:, :, -1:] + eps) * scale
+    y = (y + offset) / (y[:, -1:, :] + eps) * scale
+    x = (x + offset) / (x[:, :, -1:] + eps) * scale
     return torch.cat([_sine(y, num_pos_feats, temperature), _sine(x, num_pos_feats, temperature)], -1)
 
 
@@ -177,8 +178,8 @@ class MultiheadAttention(HeadsAttention):
         v = F.linear(x, weight[2 * C :], bias[2 * C :])
         return qk[..., :C], qk[..., C:], v
 
-    def forward(self, x, pos, key_padding_mask=None):
-        """x, pos: (B, N, C) -> (B, N, C)."""
+    def forward(self, x, pos, key_padding_mask=None, ctx=None):
+        """x, pos: (B, N, C) -> (B, N, C). ``ctx`` (multi-scale layout) is unused here."""
         q, k, v = self.project(x, pos, self.in_proj_weight, self.in_proj_bias)
         return super().forward(q, k, v, key_padding_mask)
 
@@ -204,9 +205,9 @@ class TransformerEncoderLayer(nn.Module):
         ffn = self.linear2(self.dropout(self.activation(self.linear1(x))))
         return self.norm2(x + self.dropout2(ffn))
 
-    def forward(self, x, pos, key_padding_mask=None):
-        """x, pos: (B, N, C) -> (B, N, C)."""
-        return self.finish(x, self.self_attn(x, pos, key_padding_mask))
+    def forward(self, x, pos, key_padding_mask=None, ctx=None):
+        """x, pos: (B, N, C) -> (B, N, C); ``ctx``: token layout for multi-scale attention."""
+        return self.finish(x, self.self_attn(x, pos, key_padding_mask, ctx))
 
 
 class TransformerEncoder(nn.Module):
@@ -222,20 +223,22 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.query_scale = pos_scale
 
-    def forward(self, x, pos, key_padding_mask, ks_inputs=None):
+    def forward(self, x, pos, key_padding_mask, ks_inputs=None, ctx=None):
         """x, pos: (B, N, C), key_padding_mask (B, N) -> (S*B, N, C), S = 1 without teachers.
 
         ``ks_inputs``: ``(fg_mask (B, N) bool, smlp module)`` in KS training, else None.
+        ``ctx``: multi-scale token layout (:class:`~ks_detr.modeling.deformable_attention.MultiScaleContext`).
         """
         batch, streams = x.shape[0], 1
-        pos_s, mask_s = pos, key_padding_mask  # repeated once per stream
+        pos_s, mask_s, ctx_s = pos, key_padding_mask, ctx  # repeated once per stream
         for layer in self.layers:
             layer_pos = pos_s if self.query_scale is None else pos_s * self.query_scale(x)
             if ks_inputs is not None and getattr(layer, "is_ks_layer", False):
-                x = layer.forward_ks(x, layer_pos, key_padding_mask, *ks_inputs, streams)
+                x = layer.forward_ks(x, layer_pos, key_padding_mask, *ks_inputs, streams, ctx_s)
                 if x.shape[0] // batch != streams:
                     streams = x.shape[0] // batch
                     pos_s, mask_s = pos.repeat(streams, 1, 1), key_padding_mask.repeat(streams, 1)
+                    ctx_s = None if ctx is None else ctx.repeat(streams)
             else:
-                x = layer(x, layer_pos, mask_s)
+                x = layer(x, layer_pos, mask_s, ctx_s)
         return x

@@ -37,7 +37,7 @@ class TripleAttention(MultiheadAttention):
             self.in_proj_weight.copy_(packed[: self.in_proj_weight.shape[0]])
             self.teacher_in_proj_weight.copy_(packed[self.in_proj_weight.shape[0] :])
 
-    def forward_ks(self, x, pos, x_tilde, key_padding_mask, streams_in):
+    def forward_ks(self, x, pos, x_tilde, key_padding_mask, streams_in, ctx=None):
         """Attention of every stream before the residual.
 
         Args:
@@ -66,19 +66,20 @@ class TripleAttention(MultiheadAttention):
 
 
 class KSEncoderLayer(TransformerEncoderLayer):
-    """Encoder layer whose self-attention is :class:`TripleAttention`; the residual, norms and
-    FFN are shared by all streams. Without a foreground mask it is the plain student layer."""
+    """Encoder layer whose self-attention is a triple attention (:class:`TripleAttention` or the
+    deformable one); the residual, norms and FFN are shared by all streams. Without a foreground
+    mask it is the plain student layer."""
 
     is_ks_layer = True
 
-    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, mode="triple"):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, mode="triple", attention=None):
         super().__init__(d_model, nhead, dim_feedforward, dropout, activation,
-                         attention=TripleAttention(d_model, nhead, dropout, mode))
+                         attention=attention or TripleAttention(d_model, nhead, dropout, mode))
 
-    def forward_ks(self, x, pos, key_padding_mask, fg_mask, smlp, streams_in):
+    def forward_ks(self, x, pos, key_padding_mask, fg_mask, smlp, streams_in, ctx=None):
         """x, pos: (S_in*B, N, C), masks (B, N) -> (S*B, N, C)."""
         x_tilde = smlp(x, fg_mask.repeat(streams_in, 1))
-        attn = self.self_attn.forward_ks(x, pos, x_tilde, key_padding_mask, streams_in)
+        attn = self.self_attn.forward_ks(x, pos, x_tilde, key_padding_mask, streams_in, ctx)
         S = len(self.self_attn.streams)
         residual = x if streams_in == S else x.repeat(S, 1, 1)
         return self.finish(residual, attn)
