@@ -1,11 +1,21 @@
 """ks-detr: KS-DETR (knowledge sharing in attention learning) as a detectron2 extension.
 
 Importing the package registers the meta-architectures (``ConditionalDETR``, ``DABDETR``,
-``DNDETR`` and their ``KS*`` names) and the ``trees_train`` / ``trees_val`` datasets.
+``DNDETR``, ``DeformableDETR`` and their ``KS*`` names) and the ``trees_train`` / ``trees_val`` datasets.
 """
 from .config import add_ks_detr_config, check_ks_detr_config
 from .data import DetrDatasetMapper
-from .modeling import DABDETR, DNDETR, ConditionalDETR, DETRBase, KSConditionalDETR, KSDABDETR, KSDNDETR
+from .modeling import (
+    DABDETR,
+    DNDETR,
+    ConditionalDETR,
+    DeformableDETR,
+    DETRBase,
+    KSConditionalDETR,
+    KSDABDETR,
+    KSDeformableDETR,
+    KSDNDETR,
+)
 from .solver import build_optimizer
 
 __version__ = "0.1.0"
@@ -21,4 +31,6 @@ __all__ = [
     "KSDABDETR",
     "DNDETR",
     "KSDNDETR",
+    "DeformableDETR",
+    "KSDeformableDETR",
 ]

@@ -1,13 +1,11 @@
 """Checkpoint helpers: strip the training-only KS parameters to get the plain student."""
 import torch
 
-# Parameters that exist only for the teachers: removing them leaves exactly the baseline model.
-TEACHER_ONLY = ("teacher_in_proj_weight", "teacher_in_proj_bias", "ks_smlp.")
-
-
 def is_teacher_only(key):
-    """True for a state-dict key that the student (= the baseline detector) does not have."""
-    return key.startswith("ks_smlp.") or key.rsplit(".", 1)[-1] in TEACHER_ONLY
+    """True for a state-dict key that the student (= the baseline detector) does not have: the
+    sMLP (``ks_smlp.*``) and teacher projections (``teacher_*`` / ``*_teacher``)."""
+    parts = key.split(".")
+    return parts[0] == "ks_smlp" or any(p.startswith("teacher_") or p.endswith("_teacher") for p in parts)
 
 
 def student_state_dict(state_dict):

@@ -15,6 +15,7 @@ def add_ks_detr_config(cfg):
     _C.NUM_CLASSES = 80  # foreground classes (sigmoid focal head, no "no-object" row)
     _C.IN_FEATURES = ["res5"]  # backbone feature maps fed to the transformer (one per level)
     _C.NUM_FEATURE_LEVELS = 1  # levels; more than IN_FEATURES adds stride-2 convs (Deformable)
+    _C.DEFORMABLE_POINTS = 4  # sampling points per head and level (Deformable family)
     _C.POS_OFFSET = 0.0  # offset of the normalised sine position cumsum (Deformable: -0.5)
     _C.HIDDEN_DIM = 256  # transformer width C
     _C.NHEADS = 8  # attention heads

@@ -144,7 +144,7 @@ class DETRBase(nn.Module):
                     nn.init.xavier_uniform_(p)
         for layer in self.encoder.layers:
             if isinstance(layer, KSEncoderLayer):
-                layer.self_attn.reset_packed()
+                layer.self_attn.reset_teacher()
         nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)

@@ -9,9 +9,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..deformable_attention import MSDeformAttn, deformable_sample
 from ..transformer import MultiheadAttention, TransformerEncoderLayer, multihead_attention
 
 STREAMS = {"triple": ("s", "a", "v"), "share_v": ("s", "a"), "share_a": ("s", "v")}
+
+
+def stack_streams(kinds, streams_in, student, teacher, teacher_parts):
+    """Assemble the attention inputs of every stream along the batch.
+
+    Args:
+        kinds: stream kinds ("s", "a", "v"); streams_in: 1 or len(kinds) incoming streams.
+        student, teacher: tuples of (S_in*B, ...) tensors (e.g. q, k, v), part by part.
+        teacher_parts: kind -> indices of the parts this stream takes from the teacher.
+    Returns:
+        tuple of (S*B, ...) tensors, streams in ``kinds`` order.
+    """
+    s = [t.chunk(streams_in) for t in student]
+    t = [t.chunk(streams_in) for t in teacher]
+    out = [[] for _ in student]
+    for i, kind in enumerate(kinds):
+        j = i if streams_in == len(kinds) else 0
+        for p in range(len(student)):
+            out[p].append((t if p in teacher_parts[kind] else s)[p][j])
+    return tuple(torch.cat(o) for o in out)
 
 
 class TripleAttention(MultiheadAttention):
@@ -22,14 +43,16 @@ class TripleAttention(MultiheadAttention):
     mask) only the student runs: exactly :class:`MultiheadAttention`.
     """
 
+    TEACHER_PARTS = {"s": (), "a": (0, 1), "v": (2,)}  # (q, k, v) taken from the teacher
+
     def __init__(self, embed_dim, num_heads, dropout=0.0, mode="triple"):
         super().__init__(embed_dim, num_heads, dropout)
         self.streams = STREAMS[mode]
         self.teacher_in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.teacher_in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
-        self.reset_packed()
+        self.reset_teacher()
 
-    def reset_packed(self):
+    def reset_teacher(self):
         """Official init: one xavier-uniform over the packed (6C, C) [student; teacher] tensor."""
         packed = torch.empty(2 * self.in_proj_weight.shape[0], self.in_proj_weight.shape[1])
         nn.init.xavier_uniform_(packed)
@@ -46,22 +69,11 @@ class TripleAttention(MultiheadAttention):
         Returns:
             (S*B, N, C), streams ordered as ``self.streams``.
         """
-        S = len(self.streams)
         student = self.project(x, pos, self.in_proj_weight, self.in_proj_bias)
         teacher = self.project(x_tilde, pos, self.teacher_in_proj_weight, self.teacher_in_proj_bias)
-        chunks = [[t.chunk(streams_in) for t in student], [t.chunk(streams_in) for t in teacher]]
-        q, k, v = [], [], []
-        for i, kind in enumerate(self.streams):
-            j = i if streams_in == S else 0
-            qk_src = chunks[kind == "a"]
-            q.append(qk_src[0][j])
-            k.append(qk_src[1][j])
-            v.append(chunks[kind == "v"][2][j])
+        q, k, v = stack_streams(self.streams, streams_in, student, teacher, self.TEACHER_PARTS)
         drop = self.dropout if self.training else 0.0
-        out = multihead_attention(
-            torch.cat(q), torch.cat(k), torch.cat(v), self.num_heads,
-            key_padding_mask.repeat(S, 1), drop,
-        )
+        out = multihead_attention(q, k, v, self.num_heads, key_padding_mask.repeat(len(self.streams), 1), drop)
         return self.out_proj(out)
 
 
@@ -83,3 +95,37 @@ class KSEncoderLayer(TransformerEncoderLayer):
         S = len(self.self_attn.streams)
         residual = x if streams_in == S else x.repeat(S, 1, 1)
         return self.finish(residual, attn)
+
+
+class DeformableTripleAttention(MSDeformAttn):
+    """Deformable triple attention: the teachers add only their own attention-weight projection
+    (from x~ + p) and value projection (from x~); sampling locations (from x + p) and
+    ``output_proj`` are the student's. Streams: A V, A' V, A V' as in :class:`TripleAttention`."""
+
+    TEACHER_PARTS = {"s": (), "a": (0,), "v": (1,)}  # (weights, values) taken from the teacher
+
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, mode="triple"):
+        super().__init__(d_model, n_levels, n_heads, n_points)
+        self.streams = STREAMS[mode]
+        self.attention_weights_teacher = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj_teacher = nn.Linear(d_model, d_model)
+        self.reset_teacher()
+
+    def reset_teacher(self):
+        """As the official code ends up: xavier weights, zero biases."""
+        for lin in (self.attention_weights_teacher, self.value_proj_teacher):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward_ks(self, x, pos, x_tilde, key_padding_mask, streams_in, ctx):
+        """x, pos, x_tilde: (S_in*B, N, C); key_padding_mask (B, N); ctx for S_in*B rows -> (S*B, N, C)."""
+        S = len(self.streams)
+        mask = key_padding_mask.repeat(streams_in, 1)
+        q = x + pos
+        loc = self.locations(q, ctx.reference_points, ctx)
+        student = (self.weights(q, self.attention_weights), self.values(x, mask, self.value_proj))
+        teacher = (self.weights(x_tilde + pos, self.attention_weights_teacher),
+                   self.values(x_tilde, mask, self.value_proj_teacher))
+        weights, values = stack_streams(self.streams, streams_in, student, teacher, self.TEACHER_PARTS)
+        loc = loc.repeat(S // streams_in, *[1] * (loc.dim() - 1))
+        return self.output_proj(deformable_sample(values, ctx.shapes, loc, weights))

@@ -1,0 +1,132 @@
+"""Multi-scale deformable attention (Zhu et al., ICLR 2021) in pure PyTorch (``grid_sample``).
+
+Tokens of all levels are flattened and concatenated level by level: ``(B, N, C)`` with
+N = sum(h_l * w_l); :class:`MultiScaleContext` records that layout.
+"""
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MultiScaleContext:
+    """Layout of a flattened feature pyramid.
+
+    shapes: [(h_l, w_l)] per level; valid_ratios: (B, L, 2) valid (w, h) fraction of each level;
+    reference_points: (B, N, L, 2) every token's normalised centre, per level (encoder queries).
+    """
+
+    shapes: list
+    valid_ratios: torch.Tensor
+    reference_points: torch.Tensor
+
+    def repeat(self, n):
+        """The same layout for n stacked copies of the batch (stream-major)."""
+        return replace(self, valid_ratios=self.valid_ratios.repeat(n, 1, 1),
+                       reference_points=self.reference_points.repeat(n, 1, 1, 1))
+
+    @classmethod
+    def from_masks(cls, masks):
+        """masks: list of (B, h_l, w_l) bool, True = padding."""
+        shapes = [tuple(m.shape[-2:]) for m in masks]
+        valid_ratios = torch.stack(
+            [torch.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
+             for m in masks], 1).float()
+        refs = []
+        for lvl, (h, w) in enumerate(shapes):
+            y, x = torch.meshgrid(torch.arange(h, device=masks[0].device) + 0.5,
+                                  torch.arange(w, device=masks[0].device) + 0.5, indexing="ij")
+            vr = valid_ratios[:, lvl]
+            refs.append(torch.stack([x.reshape(1, -1) / (vr[:, :1] * w), y.reshape(1, -1) / (vr[:, 1:] * h)], -1))
+        reference_points = torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
+        return cls(shapes, valid_ratios, reference_points)
+
+
+def deformable_sample(value, shapes, locations, weights):
+    """Bilinearly sample every head's value maps at the sampling locations and sum with weights.
+
+    Args:
+        value: (B, N, H, D) per-head values of all levels; shapes: [(h_l, w_l)].
+        locations: (B, Lq, H, L, P, 2) normalised (x, y) in [0, 1] (outside reads zeros).
+        weights: (B, Lq, H, L, P) attention weights.
+    Returns:
+        (B, Lq, H * D)
+    """
+    B, _, H, D = value.shape
+    Lq, L, P = locations.shape[1], locations.shape[3], locations.shape[4]
+    grids = 2 * locations - 1
+    samples = []
+    for lvl, v in enumerate(value.split([h * w for h, w in shapes], dim=1)):
+        h, w = shapes[lvl]
+        v = v.permute(0, 2, 3, 1).reshape(B * H, D, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).reshape(B * H, Lq, P, 2)
+        samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = weights.transpose(1, 2).reshape(B * H, 1, Lq, L * P)
+    out = (torch.stack(samples, -2).flatten(-2) * weights).sum(-1)  # (B*H, D, Lq)
+    return out.view(B, H * D, Lq).transpose(1, 2)
+
+
+class MSDeformAttn(nn.Module):
+    """Each query attends to ``n_points`` learned offsets around its reference point on every level.
+    Parameter names follow the official code (``sampling_offsets``, ``attention_weights``,
+    ``value_proj``, ``output_proj``)."""
+
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
+        super().__init__()
+        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Official init: zero offset weights, offset bias on a ring of directions (point i at
+        radius i + 1), uniform attention, xavier value/output projections."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(self.n_heads, dtype=torch.float32) * (2 * math.pi / self.n_heads)
+        grid = torch.stack([theta.cos(), theta.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True).values
+        grid = grid[:, None, None, :].repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32)[None, None, :, None]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def locations(self, query, reference_points, ctx):
+        """query (B, Lq, C), reference_points (B, Lq, L, 2) -> (B, Lq, H, L, P, 2)."""
+        B, Lq, _ = query.shape
+        off = self.sampling_offsets(query).view(B, Lq, self.n_heads, self.n_levels, self.n_points, 2)
+        wh = torch.tensor([[w, h] for h, w in ctx.shapes], dtype=query.dtype, device=query.device)
+        return reference_points[:, :, None, :, None, :] + off / wh[None, None, None, :, None, :]
+
+    def weights(self, query, linear):
+        """(B, Lq, C) -> softmax over levels x points: (B, Lq, H, L, P)."""
+        B, Lq, _ = query.shape
+        w = linear(query).view(B, Lq, self.n_heads, self.n_levels * self.n_points).softmax(-1)
+        return w.view(B, Lq, self.n_heads, self.n_levels, self.n_points)
+
+    def values(self, x, padding_mask, linear):
+        """(B, N, C) -> per-head values (B, N, H, D), zero on padding tokens."""
+        v = linear(x)
+        if padding_mask is not None:
+            v = v.masked_fill(padding_mask[..., None], 0.0)
+        return v.view(*v.shape[:2], self.n_heads, -1)
+
+    def attend(self, query, reference_points, value_in, padding_mask, ctx):
+        """query (B, Lq, C), reference_points (B, Lq, L, 2), value_in (B, N, C) -> (B, Lq, C)."""
+        loc = self.locations(query, reference_points, ctx)
+        out = deformable_sample(self.values(value_in, padding_mask, self.value_proj), ctx.shapes, loc,
+                                self.weights(query, self.attention_weights))
+        return self.output_proj(out)
+
+    def forward(self, x, pos, key_padding_mask=None, ctx=None):
+        """Encoder self-attention: queries x + pos at every token's reference point, values x."""
+        return self.attend(x + pos, ctx.reference_points, x, key_padding_mask, ctx)

@@ -1,0 +1,129 @@
+"""Deformable DETR (Zhu et al., ICLR 2021), single stage without box refinement: a 4-level
+feature pyramid (res3-res5 + one stride-2 conv) with multi-scale deformable attention in the
+encoder and in the decoder's cross-attention. KS-Deformable-DETR puts the deformable triple
+attention in the chosen encoder layers; the Fg-Bg mask covers every level."""
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
+
+from .deformable_attention import MSDeformAttn, MultiScaleContext
+from .detr import DETRBase
+from .ks import DeformableTripleAttention
+from .transformer import Dropout, MultiheadAttention, build_activation, inverse_sigmoid, sine_position_embedding
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Self-attention (q = k = tgt + query_pos) -> deformable cross-attention around the query's
+    reference point -> FFN, each with add & norm (official names: norm2, norm1, norm3)."""
+
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, n_levels, n_points):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, nhead, n_points)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.activation = build_activation(activation)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.dropout1, self.dropout2 = Dropout(dropout), Dropout(dropout)
+        self.dropout3, self.dropout4 = Dropout(dropout), Dropout(dropout)
+
+    def forward(self, tgt, query_pos, reference_points, memory, memory_mask, ctx):
+        """tgt, query_pos: (B, Q, C); reference_points (B, Q, L, 2); memory (B, N, C) -> (B, Q, C)."""
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(tgt, query_pos)))
+        cross = self.cross_attn.attend(tgt + query_pos, reference_points, memory, memory_mask, ctx)
+        tgt = self.norm1(tgt + self.dropout1(cross))
+        ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(ffn))
+
+
+class DeformableDecoder(nn.Module):
+    def __init__(self, num_layers, *layer_args):
+        super().__init__()
+        self.layers = nn.ModuleList(DeformableDecoderLayer(*layer_args) for _ in range(num_layers))
+
+    def forward(self, tgt, query_pos, reference, memory, memory_mask, ctx):
+        """reference: (B, Q, 2) in [0, 1], fixed across layers -> hs (L, B, Q, C) (no final norm)."""
+        ref = reference[:, :, None] * ctx.valid_ratios[:, None]
+        hs = []
+        for layer in self.layers:
+            tgt = layer(tgt, query_pos, ref, memory, memory_mask, ctx)
+            hs.append(tgt)
+        return torch.stack(hs)
+
+
+@META_ARCH_REGISTRY.register()
+class DeformableDETR(DETRBase):
+    """Deformable DETR; with ``MODEL.KS.ENABLED`` it trains as KS-Deformable-DETR."""
+
+    def build_input_proj(self, cfg, shapes):
+        d = cfg.MODEL.DETR
+        C, levels = d.HIDDEN_DIM, d.NUM_FEATURE_LEVELS
+        self.num_levels, self.n_points = levels, d.DEFORMABLE_POINTS
+        self.level_embed = nn.Parameter(torch.empty(levels, C))
+        proj = [nn.Sequential(nn.Conv2d(s.channels, C, 1), nn.GroupNorm(32, C)) for s in shapes]
+        in_ch = shapes[-1].channels
+        for _ in range(levels - len(shapes)):  # extra levels: stride-2 3x3 convs on the last map
+            proj.append(nn.Sequential(nn.Conv2d(in_ch, C, 3, stride=2, padding=1), nn.GroupNorm(32, C)))
+            in_ch = C
+        return nn.ModuleList(proj)
+
+    def build_encoder_attention(self, cfg, ks_mode):
+        d = cfg.MODEL.DETR
+        args = (d.HIDDEN_DIM, d.NUM_FEATURE_LEVELS, d.NHEADS, d.DEFORMABLE_POINTS)
+        return MSDeformAttn(*args) if ks_mode is None else DeformableTripleAttention(*args, mode=ks_mode)
+
+    def build_decoder(self, cfg):
+        d = cfg.MODEL.DETR
+        self.query_embed = nn.Embedding(d.NUM_QUERIES, 2 * d.HIDDEN_DIM)  # [query_pos ; tgt]
+        self.reference_points = nn.Linear(d.HIDDEN_DIM, 2)
+        return DeformableDecoder(d.DEC_LAYERS, d.HIDDEN_DIM, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT,
+                                 d.ACTIVATION, d.NUM_FEATURE_LEVELS, d.DEFORMABLE_POINTS)
+
+    def reset_parameters(self):
+        """Official: xavier transformer matrices, then deformable-attention init, xavier
+        reference-point head, normal level embedding, box-size bias -2, xavier input convs."""
+        super().reset_parameters()
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()  # the student part; teachers were reset by DETRBase
+        nn.init.xavier_uniform_(self.reference_points.weight)
+        nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
+        nn.init.constant_(self.bbox_embed.layers[-1].bias[2:], -2.0)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight)
+            nn.init.zeros_(proj[0].bias)
+
+    def embed_features(self, features, pixel_mask):
+        srcs = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
+        last = features[self.in_features[-1]]
+        for proj in self.input_proj[len(self.in_features):]:
+            last = proj(last)
+            srcs.append(last)
+        masks = [F.interpolate(pixel_mask[None].float(), size=s.shape[-2:])[0].bool() for s in srcs]
+        pos = [sine_position_embedding(m, self.hidden_dim // 2, self.pos_temperature, self.pos_offset)
+               + self.level_embed[lvl] for lvl, m in enumerate(masks)]
+        src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
+        pos = torch.cat([p.flatten(1, 2) for p in pos], 1)
+        key_mask = torch.cat([m.flatten(1) for m in masks], 1)
+        ctx = MultiScaleContext.from_masks(masks)
+        return src, pos, key_mask, ctx.shapes, [~m for m in masks], ctx
+
+    def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
+        query_pos, tgt = self.query_embed.weight.split(self.hidden_dim, 1)
+        rows = memory.shape[0]
+        query_pos, tgt = query_pos[None].expand(rows, -1, -1), tgt[None].expand(rows, -1, -1)
+        reference = self.reference_points(query_pos).sigmoid()
+        hs = self.decoder(tgt, query_pos, reference, memory, memory_mask, ctx)
+        boxes = self.bbox_embed(hs)
+        boxes = torch.cat([boxes[..., :2] + inverse_sigmoid(reference), boxes[..., 2:]], -1).sigmoid()
+        return hs, boxes, None
+
+
+@META_ARCH_REGISTRY.register()
+class KSDeformableDETR(DeformableDETR):
+    """KS-Deformable-DETR: :class:`DeformableDETR` with ``MODEL.KS.ENABLED`` forced on."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg, ks_enabled=True)
