@@ -1,7 +1,7 @@
 """ks-detr: KS-DETR (knowledge sharing in attention learning) as a detectron2 extension.
 
 Importing the package registers the meta-architectures (``ConditionalDETR``, ``DABDETR``,
-``DNDETR``, ``DeformableDETR`` and their ``KS*`` names) and the ``trees_train`` / ``trees_val`` datasets.
+``DNDETR``, ``DeformableDETR``, ``DNDeformableDETR`` and their ``KS*`` names) and the ``trees_train`` / ``trees_val`` datasets.
 """
 from .config import add_ks_detr_config, check_ks_detr_config
 from .data import DetrDatasetMapper
@@ -11,9 +11,11 @@ from .modeling import (
     ConditionalDETR,
     DeformableDETR,
     DETRBase,
+    DNDeformableDETR,
     KSConditionalDETR,
     KSDABDETR,
     KSDeformableDETR,
+    KSDNDeformableDETR,
     KSDNDETR,
 )
 from .solver import build_optimizer
@@ -33,4 +35,6 @@ __all__ = [
     "KSDNDETR",
     "DeformableDETR",
     "KSDeformableDETR",
+    "DNDeformableDETR",
+    "KSDNDeformableDETR",
 ]

@@ -13,7 +13,7 @@ from fvcore.nn import FlopCountAnalysis
 from conftest import REPO, make_cfg, toy_inputs
 
 SMALL = ("MODEL.DETR.NUM_QUERIES", 50)  # keeps matching cheap; the architecture is unchanged
-FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr"]
+FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr"]
 R50_CONFIGS = [f"configs/{ks}{f}_r50.yaml" for f in FAMILIES for ks in ("", "ks_")]
 
 
@@ -24,7 +24,8 @@ def test_one_train_step(config):
     model.train()
     with EventStorage():
         losses = model(toy_inputs())
-    ks, dn = "ks_" in os.path.basename(config), "dn_detr" in config
+    name = os.path.basename(config)
+    ks, dn = name.startswith("ks_"), name.replace("ks_", "", 1).startswith("dn_")
     n_out = 6 + (2 if ks else 0)  # 6 student layers (+ last layer of 2 teachers)
     assert len(losses) == 3 * n_out * (2 if dn else 1)  # (+ denoising losses on every output)
     assert all(torch.isfinite(v) for v in losses.values())

@@ -101,11 +101,16 @@ class MSDeformAttn(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def locations(self, query, reference_points, ctx):
-        """query (B, Lq, C), reference_points (B, Lq, L, 2) -> (B, Lq, H, L, P, 2)."""
+        """query (B, Lq, C), reference_points (B, Lq, L, 2) points or (B, Lq, L, 4) boxes (cxcywh)
+        -> (B, Lq, H, L, P, 2). Offsets are in feature cells around points, and in fractions of
+        half the box size (divided by the number of points) around boxes."""
         B, Lq, _ = query.shape
         off = self.sampling_offsets(query).view(B, Lq, self.n_heads, self.n_levels, self.n_points, 2)
+        ref = reference_points[:, :, None, :, None, :]
+        if reference_points.shape[-1] == 4:
+            return ref[..., :2] + off / self.n_points * ref[..., 2:] * 0.5
         wh = torch.tensor([[w, h] for h, w in ctx.shapes], dtype=query.dtype, device=query.device)
-        return reference_points[:, :, None, :, None, :] + off / wh[None, None, None, :, None, :]
+        return ref + off / wh[None, None, None, :, None, :]
 
     def weights(self, query, linear):
         """(B, Lq, C) -> softmax over levels x points: (B, Lq, H, L, P)."""

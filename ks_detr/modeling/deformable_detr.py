@@ -1,4 +1,5 @@
-"""Deformable DETR (Zhu et al., ICLR 2021), single stage without box refinement: a 4-level
+"""Deformable DETR (Zhu et al., ICLR 2021), single stage without box refinement, and
+DN-Deformable DETR (4-D anchors, box refinement, denoising; detrex's recipe): a 4-level
 feature pyramid (res3-res5 + one stride-2 conv) with multi-scale deformable attention in the
 encoder and in the decoder's cross-attention. KS-Deformable-DETR puts the deformable triple
 attention in the chosen encoder layers; the Fg-Bg mask covers every level."""
@@ -8,9 +9,18 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .deformable_attention import MSDeformAttn, MultiScaleContext
+from .denoising import DenoisingQueries
 from .detr import DETRBase
 from .ks import DeformableTripleAttention
-from .transformer import Dropout, MultiheadAttention, build_activation, inverse_sigmoid, sine_position_embedding
+from .transformer import (
+    MLP,
+    Dropout,
+    MultiheadAttention,
+    build_activation,
+    inverse_sigmoid,
+    sine_embed_points,
+    sine_position_embedding,
+)
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -28,9 +38,12 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout1, self.dropout2 = Dropout(dropout), Dropout(dropout)
         self.dropout3, self.dropout4 = Dropout(dropout), Dropout(dropout)
 
-    def forward(self, tgt, query_pos, reference_points, memory, memory_mask, ctx):
-        """tgt, query_pos: (B, Q, C); reference_points (B, Q, L, 2); memory (B, N, C) -> (B, Q, C)."""
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(tgt, query_pos)))
+    def forward(self, tgt, query_pos, reference_points, memory, memory_mask, ctx, self_attn_mask=None):
+        """tgt, query_pos: (B, Q, C); reference_points (B, Q, L, 2 or 4); memory (B, N, C) -> (B, Q, C).
+
+        ``self_attn_mask``: (Q, Q) bool, True = blocked (denoising groups)."""
+        sa = self.self_attn(tgt, query_pos, attn_mask=self_attn_mask)
+        tgt = self.norm2(tgt + self.dropout2(sa))
         cross = self.cross_attn.attend(tgt + query_pos, reference_points, memory, memory_mask, ctx)
         tgt = self.norm1(tgt + self.dropout1(cross))
         ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
@@ -83,14 +96,18 @@ class DeformableDETR(DETRBase):
     def reset_parameters(self):
         """Official: xavier transformer matrices, then deformable-attention init, xavier
         reference-point head, normal level embedding, box-size bias -2, xavier input convs."""
-        super().reset_parameters()
+        self.reset_deformable()
+        nn.init.xavier_uniform_(self.reference_points.weight)
+        nn.init.zeros_(self.reference_points.bias)
+        nn.init.constant_(self.bbox_embed.layers[-1].bias[2:], -2.0)
+
+    def reset_deformable(self):
+        """The init shared by the deformable families."""
+        DETRBase.reset_parameters(self)
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()  # the student part; teachers were reset by DETRBase
-        nn.init.xavier_uniform_(self.reference_points.weight)
-        nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
-        nn.init.constant_(self.bbox_embed.layers[-1].bias[2:], -2.0)
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight)
             nn.init.zeros_(proj[0].bias)
@@ -124,6 +141,84 @@ class DeformableDETR(DETRBase):
 @META_ARCH_REGISTRY.register()
 class KSDeformableDETR(DeformableDETR):
     """KS-Deformable-DETR: :class:`DeformableDETR` with ``MODEL.KS.ENABLED`` forced on."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg, ks_enabled=True)
+
+
+class DNDeformableDecoder(nn.Module):
+    """Deformable decoder on 4-D anchor boxes refined by every layer (DAB/DN-Deformable style):
+    query position = ref_point_head(sine(anchor)) x query_scale(content) (identity in layer 0);
+    cross-attention samples around each box; layer i's box head refines the anchor (detached)."""
+
+    def __init__(self, num_layers, d_model, *layer_args):
+        super().__init__()
+        self.layers = nn.ModuleList(DeformableDecoderLayer(d_model, *layer_args) for _ in range(num_layers))
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+
+    def forward(self, tgt, anchors, memory, memory_mask, ctx, bbox_embeds, self_attn_mask=None):
+        """tgt (B, Q, C), anchors (B, Q, 4) unsigmoided -> hs (L, B, Q, C) and each layer's input
+        boxes (L, B, Q, 4) in [0, 1]."""
+        ref = anchors.sigmoid()
+        valid = torch.cat([ctx.valid_ratios, ctx.valid_ratios], -1)[:, None]  # (B, 1, L, 4)
+        hs, refs = [], []
+        for i, layer in enumerate(self.layers):
+            refs.append(ref)
+            ref_input = ref[:, :, None] * valid
+            query_pos = self.ref_point_head(sine_embed_points(ref_input[:, :, 0], tgt.shape[-1] // 2))
+            if i > 0:
+                query_pos = query_pos * self.query_scale(tgt)
+            tgt = layer(tgt, query_pos, ref_input, memory, memory_mask, ctx, self_attn_mask)
+            hs.append(tgt)
+            ref = (bbox_embeds[i](tgt) + inverse_sigmoid(ref)).sigmoid().detach()
+        return torch.stack(hs), torch.stack(refs)
+
+
+@META_ARCH_REGISTRY.register()
+class DNDeformableDETR(DeformableDETR):
+    """DN-Deformable-DETR: learned content queries and 4-D anchors, per-layer heads with box
+    refinement, denoising groups in training. With ``MODEL.KS.ENABLED``: KS-DN-Deformable-DETR."""
+
+    def build_decoder(self, cfg):
+        d = cfg.MODEL.DETR
+        self.dn = DenoisingQueries(cfg)
+        self.tgt_embed = nn.Embedding(d.NUM_QUERIES, d.HIDDEN_DIM - 1)  # + indicator 0
+        self.refpoint_embed = nn.Embedding(d.NUM_QUERIES, 4)
+        return DNDeformableDecoder(d.DEC_LAYERS, d.HIDDEN_DIM, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT,
+                                   d.ACTIVATION, d.NUM_FEATURE_LEVELS, d.DEFORMABLE_POINTS)
+
+    def build_heads(self, cfg):
+        """One classification and one box head per decoder layer (box refinement)."""
+        heads = [super(DNDeformableDETR, self).build_heads(cfg) for _ in range(cfg.MODEL.DETR.DEC_LAYERS)]
+        return nn.ModuleList(h[0] for h in heads), nn.ModuleList(h[1] for h in heads)
+
+    def predict_logits(self, hs):
+        return torch.stack([head(h) for head, h in zip(self.class_embed, hs)])
+
+    def reset_parameters(self):
+        """As detrex: zero content queries, uniform anchors (in sigmoid space); only the first box
+        head starts with the -2 size bias."""
+        self.reset_deformable()
+        nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+        nn.init.zeros_(self.tgt_embed.weight)
+        with torch.no_grad():
+            self.refpoint_embed.weight.copy_(inverse_sigmoid(torch.rand_like(self.refpoint_embed.weight)))
+
+    def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
+        rows = memory.shape[0]
+        tgt = self.tgt_embed.weight
+        tgt = torch.cat([tgt, torch.zeros_like(tgt[:, :1])], -1)[None].expand(rows, -1, -1)
+        anchors = self.refpoint_embed.weight[None].expand(rows, -1, -1)
+        tgt, anchors, attn_mask, dn = self.dn.prepend(tgt, anchors, targets)
+        hs, refs = self.decoder(tgt, anchors, memory, memory_mask, ctx, self.bbox_embed, attn_mask)
+        boxes = torch.stack([(head(h) + inverse_sigmoid(r)).sigmoid() for head, h, r in zip(self.bbox_embed, hs, refs)])
+        return hs, boxes, dn
+
+
+@META_ARCH_REGISTRY.register()
+class KSDNDeformableDETR(DNDeformableDETR):
+    """KS-DN-Deformable-DETR: :class:`DNDeformableDETR` with ``MODEL.KS.ENABLED`` forced on."""
 
     def __init__(self, cfg):
         super().__init__(cfg, ks_enabled=True)

@@ -1,6 +1,9 @@
 """Denoising queries (DN-DETR, Li et al., CVPR 2022): noised GT boxes and labels as extra
 decoder queries that must reconstruct their GT, in groups that cannot see each other."""
 import torch
+from torch import nn
+
+from .transformer import inverse_sigmoid
 
 
 def noised_queries(targets, groups, label_noise, box_noise, num_classes):
@@ -44,3 +47,44 @@ def dn_attention_mask(groups, group_size, num_queries, device=None):
     mask[:P, :P] = group[:, None] != group[None, :]
     return mask
 
+
+
+class DenoisingQueries(nn.Module):
+    """Label embedding of the denoising queries and their assembly in front of the matching ones.
+
+    A content query is [label embedding (C - 1) ; indicator] with indicator 1 for denoising
+    queries; empty padding slots are all zeros (official code).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.MODEL.DETR
+        self.groups, self.label_noise, self.box_noise = d.DN.GROUPS, d.DN.LABEL_NOISE, d.DN.BOX_NOISE
+        self.num_classes = d.NUM_CLASSES
+        self.label_embed = nn.Embedding(d.NUM_CLASSES + 1, d.HIDDEN_DIM - 1)  # + "unknown" (DN-DETR)
+
+    def content(self, labels, indicator):
+        """labels (...,) in [0, K] -> (..., C) content queries with the given indicator value."""
+        e = self.label_embed(labels)
+        return torch.cat([e, torch.full_like(e[..., :1], indicator)], -1)
+
+    def prepend(self, tgt, anchors, targets):
+        """Put this batch's denoising queries before the matching queries.
+
+        Args:
+            tgt, anchors: (S*B, Q, C) content queries and (S*B, Q, 4) unsigmoided anchors, where S
+                streams share one batch of B images (KS: the same noised queries for every stream).
+            targets: the B images' targets in training, else None.
+        Returns:
+            tgt (S*B, P+Q, C), anchors (S*B, P+Q, 4), the (P+Q, P+Q) self-attention mask or None,
+            and the dn metadata ``dict(groups, group_size)`` or None.
+        """
+        if targets is None or self.groups == 0 or not any(len(t["labels"]) for t in targets):
+            return tgt, anchors, None, None
+        labels, boxes, g = noised_queries(targets, self.groups, self.label_noise, self.box_noise, self.num_classes)
+        dn_tgt = self.content(labels, 1.0).masked_fill((labels == self.num_classes)[..., None], 0.0)
+        streams = tgt.shape[0] // len(targets)
+        tgt = torch.cat([dn_tgt.repeat(streams, 1, 1), tgt], 1)
+        anchors = torch.cat([inverse_sigmoid(boxes).repeat(streams, 1, 1), anchors], 1)
+        mask = dn_attention_mask(self.groups, g, anchors.shape[1] - self.groups * g, tgt.device)
+        return tgt, anchors, mask, dict(groups=self.groups, group_size=g)

@@ -65,8 +65,7 @@ class DETRBase(nn.Module):
             pos_scale=self.build_encoder_pos_scale(cfg),
         )
         self.decoder = self.build_decoder(cfg)
-        self.class_embed = nn.Linear(C, self.num_classes)
-        self.bbox_embed = MLP(C, C, 4, 3)
+        self.class_embed, self.bbox_embed = self.build_heads(cfg)
         self.reset_parameters()
 
         if self.ks_enabled:
@@ -113,6 +112,15 @@ class DETRBase(nn.Module):
         src = self.input_proj(feat).flatten(2).transpose(1, 2)
         return src, pos.flatten(1, 2), mask.flatten(1), [tuple(feat.shape[-2:])], [~mask], None
 
+    def build_heads(self, cfg):
+        """Classification and box heads, shared by all decoder layers: Linear(C, K), MLP(C, C, 4)."""
+        C = cfg.MODEL.DETR.HIDDEN_DIM
+        return nn.Linear(C, self.num_classes), MLP(C, C, 4, 3)
+
+    def predict_logits(self, hs):
+        """(L, B', Q, C) decoder states -> (L, B', Q, K) class logits."""
+        return self.class_embed(hs)
+
     def build_encoder_pos_scale(self, cfg):
         """Module mapping encoder tokens to a scale of their position embedding, or None."""
         return None
@@ -145,9 +153,11 @@ class DETRBase(nn.Module):
         for layer in self.encoder.layers:
             if isinstance(layer, KSEncoderLayer):
                 layer.self_attn.reset_teacher()
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        for head in self.class_embed if isinstance(self.class_embed, nn.ModuleList) else [self.class_embed]:
+            nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
+        for head in self.bbox_embed if isinstance(self.bbox_embed, nn.ModuleList) else [self.bbox_embed]:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
 
     # ---- forward --------------------------------------------------------------------------
     @property
@@ -185,7 +195,7 @@ class DETRBase(nn.Module):
         targets = self.prepare_targets(batched_inputs) if self.training else None
         ctx = None if ctx is None else ctx.repeat(S)
         hs, boxes, dn = self.decode(memory, key_mask.repeat(S, 1), pos.repeat(S, 1, 1), targets, ctx)
-        logits = self.class_embed(hs)
+        logits = self.predict_logits(hs)
 
         if self.training:
             return self.criterion(self.loss_outputs(logits, boxes, B, dn), targets)

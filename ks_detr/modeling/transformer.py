@@ -178,10 +178,11 @@ class MultiheadAttention(HeadsAttention):
         v = F.linear(x, weight[2 * C :], bias[2 * C :])
         return qk[..., :C], qk[..., C:], v
 
-    def forward(self, x, pos, key_padding_mask=None, ctx=None):
-        """x, pos: (B, N, C) -> (B, N, C). ``ctx`` (multi-scale layout) is unused here."""
+    def forward(self, x, pos, key_padding_mask=None, ctx=None, attn_mask=None):
+        """x, pos: (B, N, C) -> (B, N, C). ``ctx`` (multi-scale layout) is unused here;
+        ``attn_mask``: (N, N) bool, True = blocked."""
         q, k, v = self.project(x, pos, self.in_proj_weight, self.in_proj_bias)
-        return super().forward(q, k, v, key_padding_mask)
+        return super().forward(q, k, v, key_padding_mask, attn_mask)
 
 
 class TransformerEncoderLayer(nn.Module):
