@@ -21,6 +21,16 @@ def make_cfg(config="configs/ks_conditional_detr_r50.yaml", *opts):
     return cfg
 
 
+def tame_random_backbone(model, gain=0.1):
+    """Random-init FrozenBN ResNets have no normalisation, and a ResNet-101's res5 features reach
+    ~1e5 (overflowing gradients); ImageNet weights keep them bounded. Scaling every bottleneck's
+    last FrozenBN by ``gain`` (as zero-init residual gammas do) keeps random models in that range."""
+    for name, module in model.backbone.named_modules():
+        if name.endswith("conv3.norm"):
+            module.weight.mul_(gain)
+    return model
+
+
 def toy_inputs(sizes=((200, 250), (180, 249)), with_empty=True, seed=0):
     """Random images with a few GT boxes; the last image has no boxes when ``with_empty``."""
     g = torch.Generator().manual_seed(seed)
