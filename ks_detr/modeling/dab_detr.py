@@ -4,25 +4,19 @@ import torch
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-from .conditional_detr import ConditionalDecoderLayer
+from .conditional_detr import ConditionalDecoder
 from .detr import DETRBase
 from .transformer import MLP, inverse_sigmoid, sine_embed_points
 
 
-class DABDecoder(nn.Module):
+class DABDecoder(ConditionalDecoder):
     """Each layer: sine(anchor) -> query position (``ref_point_head``); the spatial query is the
     (x, y) sine scaled by ``query_scale(content)`` and modulated by a predicted w/h over the anchor
     w/h (``ref_anchor_head``); after the layer the shared box head refines the anchor (detached)."""
 
     def __init__(self, num_layers, d_model, nhead, dim_feedforward, dropout, activation):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, i == 0)
-            for i in range(num_layers)
-        )
-        self.norm = nn.LayerNorm(d_model)
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
-        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        super().__init__(num_layers, d_model, nhead, dim_feedforward, dropout, activation)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)  # from sine(x, y, w, h)
         self.ref_anchor_head = MLP(d_model, d_model, 2, 2)
 
     def forward(self, tgt, memory, memory_mask, pos, anchors, bbox_embed, self_attn_mask=None):
