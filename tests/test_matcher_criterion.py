@@ -61,7 +61,7 @@ def test_matcher_with_images_without_boxes():
 
 
 def test_criterion_perfect_boxes_and_focal_formula():
-    crit = SetCriterion(HungarianMatcher(), num_classes=3, class_weight=2.0, bbox_weight=5.0, giou_weight=2.0)
+    crit = SetCriterion(HungarianMatcher(), class_weight=2.0, bbox_weight=5.0, giou_weight=2.0)
     tboxes = torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.7, 0.6, 0.1, 0.3]])
     targets = [{"labels": torch.tensor([0, 2]), "boxes": tboxes}]
     pred_boxes = torch.tensor([[[0.1, 0.1, 0.05, 0.05], [0.7, 0.6, 0.1, 0.3], [0.3, 0.4, 0.2, 0.2]]])
@@ -83,7 +83,7 @@ def test_criterion_perfect_boxes_and_focal_formula():
 
 
 def test_criterion_no_boxes_and_suffix_weights():
-    crit = SetCriterion(HungarianMatcher(), num_classes=2)
+    crit = SetCriterion(HungarianMatcher())
     logits, boxes = torch.zeros(1, 4, 2), torch.rand(1, 4, 4)
     targets = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
     outs = [{"pred_logits": logits, "pred_boxes": boxes, "suffix": "", "weight": 1.0},

@@ -14,11 +14,10 @@ class SetCriterion(nn.Module):
     ``loss_{class,bbox,giou}[_dn]{suffix}`` multiplied by the loss weight and the output's weight.
     """
 
-    def __init__(self, matcher, num_classes, class_weight=2.0, bbox_weight=5.0, giou_weight=2.0,
+    def __init__(self, matcher, class_weight=2.0, bbox_weight=5.0, giou_weight=2.0,
                  alpha=0.25, gamma=2.0):
         super().__init__()
         self.matcher = matcher
-        self.num_classes = num_classes
         self.weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
         self.alpha, self.gamma = alpha, gamma
 

@@ -39,7 +39,6 @@ class DETRBase(nn.Module):
         self.ks_enabled = ks.ENABLED if ks_enabled is None else ks_enabled
         self.hidden_dim = C = d.HIDDEN_DIM
         self.num_classes = d.NUM_CLASSES
-        self.num_queries = d.NUM_QUERIES
         self.num_topk = d.NUM_TOPK_TEST
         self.aux_loss = d.AUX_LOSS
         self.pos_temperature = d.POS_TEMPERATURE
@@ -77,7 +76,7 @@ class DETRBase(nn.Module):
             self.ks_sampling = ks.MASK.SAMPLING
 
         matcher = HungarianMatcher(d.COST_CLASS, d.COST_BBOX, d.COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
-        self.criterion = SetCriterion(matcher, self.num_classes, d.CLASS_WEIGHT, d.BBOX_WEIGHT,
+        self.criterion = SetCriterion(matcher, d.CLASS_WEIGHT, d.BBOX_WEIGHT,
                                       d.GIOU_WEIGHT, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
