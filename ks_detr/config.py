@@ -52,6 +52,10 @@ def add_ks_detr_config(cfg):
     _K.MASK.PAD_PIXELS = 0  # grow every GT box by this many input pixels per side
     _K.MASK.SAMPLING = "bilinear"  # bilinear (official, align_corners) | area (any overlap)
 
+    cfg.MODEL.MOBILENET_V2 = CN()  # MODEL.BACKBONE.NAME: "build_mobilenet_v2_backbone"
+    cfg.MODEL.MOBILENET_V2.OUT_FEATURES = ["res5"]  # stages to output: stem, res2..res5 (strides 2..32)
+    cfg.MODEL.MOBILENET_V2.PRETRAINED = True  # torchvision ImageNet weights (requirements-weights.txt)
+
     # DETR augmentation: with probability 0.5, resize to one of these shortest edges and crop
     # (INPUT.CROP.*) before the usual multi-scale resize.
     cfg.INPUT.CROP.PRE_RESIZE_SIZES = [400, 500, 600]

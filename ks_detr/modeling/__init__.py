@@ -1,4 +1,5 @@
-"""Models: the shared DETR core and the registered meta-architectures."""
+"""Models: the shared DETR core, the registered meta-architectures and the MobileNet-V2 backbone."""
+from . import backbone  # noqa: F401  (registers build_mobilenet_v2_backbone)
 from .conditional_detr import ConditionalDETR, KSConditionalDETR
 from .dab_detr import DABDETR, KSDABDETR
 from .deformable_detr import DeformableDETR, DNDeformableDETR, KSDeformableDETR, KSDNDeformableDETR
