@@ -4,6 +4,8 @@
     python train_net.py --config-file configs/ks_conditional_detr_r50.yaml --num-gpus 8
     python train_net.py --config-file configs/conditional_detr_r50.yaml --eval-only MODEL.WEIGHTS model.pth
     python train_net.py --config-file ... MODEL.DEVICE cpu SOLVER.IMS_PER_BATCH 2   # on CPU
+    python train_net.py --config-file ... --register-coco my_train train.json images/ \
+        --register-coco my_val val.json images/ DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_val",)'
 """
 import os
 
@@ -12,8 +14,11 @@ from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ks_detr import DetrDatasetMapper, add_ks_detr_config, build_optimizer, check_ks_detr_config
+from ks_detr.data import check_num_classes, register_checked_coco
 
 
 class Trainer(DefaultTrainer):
@@ -45,11 +50,15 @@ def setup(args):
     check_ks_detr_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ks_detr")
     return cfg
 
 
 def main(args):
     cfg = setup(args)
+    for name, json_file, image_root in args.register_coco or []:
+        register_checked_coco(name, json_file, image_root)
+    check_num_classes(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
@@ -62,7 +71,10 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    parser.add_argument("--register-coco", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_DIR"),
+                        help="register a COCO-format dataset (checked before training); repeatable")
+    args = parser.parse_args()
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -1,0 +1,89 @@
+"""The user's own COCO-format datasets: checked up front, then registered with detectron2.
+
+``train_net.py --register-coco NAME JSON IMAGE_DIR`` calls :func:`register_checked_coco`. Bad
+data stops the run before training with a message naming the file and the record.
+"""
+import json
+import logging
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """Invalid user dataset; the message names the file and the record."""
+
+
+def check_coco_json(json_file, image_root):
+    """Validate a COCO detection json and its images.
+
+    Raises :class:`DatasetError` for malformed json (file, line, column), a category id missing from
+    ``categories``, or a missing/unreadable image. Returns counts of what detectron2's mapper will
+    do silently: boxes with zero/negative size (dropped) and boxes reaching outside the image
+    (clipped), plus images without boxes (kept as all-background).
+    """
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{json_file}: malformed json at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except OSError as e:
+        raise DatasetError(f"{json_file}: cannot read ({e.strerror})") from e
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{json_file}: missing the '{key}' list")
+    category_ids = {c["id"] for c in data["categories"]}
+    images = {}
+    for img in data["images"]:
+        path = os.path.join(image_root, img["file_name"])
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (OSError, SyntaxError) as e:
+            raise DatasetError(f"{json_file}: image id {img['id']} ({img['file_name']}): cannot read {path}: {e}") from e
+        images[img["id"]] = img
+    counts = {"degenerate_boxes": 0, "clipped_boxes": 0, "images_without_boxes": 0}
+    with_boxes = set()
+    for ann in data["annotations"]:
+        if ann.get("category_id") not in category_ids:
+            raise DatasetError(f"{json_file}: annotation id {ann.get('id')} has category_id {ann.get('category_id')!r}, "
+                               f"not in categories {sorted(category_ids)}")
+        img = images.get(ann.get("image_id"))
+        if img is None:
+            raise DatasetError(f"{json_file}: annotation id {ann.get('id')} refers to image_id {ann.get('image_id')!r}, "
+                               "not in images")
+        x, y, w, h = ann["bbox"]
+        if w <= 0 or h <= 0:
+            counts["degenerate_boxes"] += 1
+            continue
+        if x < 0 or y < 0 or x + w > img["width"] or y + h > img["height"]:
+            counts["clipped_boxes"] += 1
+        with_boxes.add(img["id"])
+    counts["images_without_boxes"] = len(images) - len(with_boxes)
+    return counts
+
+
+def register_checked_coco(name, json_file, image_root):
+    """Check the dataset (:func:`check_coco_json`), log what will be dropped or clipped, register it."""
+    counts = check_coco_json(json_file, image_root)
+    logger.info("dataset %s (%s): %d boxes with zero/negative size dropped, %d boxes clipped to the image, "
+                "%d images without boxes kept as background", name, json_file, counts["degenerate_boxes"],
+                counts["clipped_boxes"], counts["images_without_boxes"])
+    register_coco_instances(name, {}, json_file, image_root)
+    return counts
+
+
+def check_num_classes(cfg):
+    """Every train/test dataset must have exactly ``MODEL.DETR.NUM_CLASSES`` categories."""
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        meta = MetadataCatalog.get(name)
+        if not hasattr(meta, "thing_classes") and hasattr(meta, "json_file"):
+            DatasetCatalog.get(name)  # loading a COCO json fills thing_classes
+        classes = getattr(meta, "thing_classes", None)
+        if classes is not None and len(classes) != cfg.MODEL.DETR.NUM_CLASSES:
+            raise ValueError(f"Invalid config MODEL.DETR.NUM_CLASSES={cfg.MODEL.DETR.NUM_CLASSES}: dataset {name} has "
+                             f"{len(classes)} categories {classes[:10]}")
