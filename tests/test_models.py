@@ -141,3 +141,18 @@ def test_overfit_one_real_image_lowers_the_loss():
             history.append(loss.item())
     first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
     assert last < 0.7 * first, json.dumps(history)
+
+
+def test_anchor_initialisation_per_family():
+    """KS-DAB's official config draws anchor centres uniformly; DN-DETR keeps N(0, 1) logits;
+    DN-Deformable draws uniform boxes with logits clamped to [-3, 3] (detrex)."""
+    torch.manual_seed(0)
+    cfg = ("MODEL.DETR.NUM_QUERIES", 300)
+    dab = build_model(make_cfg("configs/dab_detr_r50.yaml", *cfg)).refpoint_embed.weight.detach()
+    xy = dab[:, :2].sigmoid()
+    assert xy.min() < 0.02 and xy.max() > 0.98 and abs(xy.mean().item() - 0.5) < 0.05
+    assert dab[:, 2:].std().item() > 0.8  # w, h logits keep the default N(0, 1)
+    dn = build_model(make_cfg("configs/dn_detr_r50.yaml", *cfg)).refpoint_embed.weight.detach()
+    assert dn[:, :2].sigmoid().min() > 0.005 and 0.8 < dn.std().item() < 1.2
+    dnd = build_model(make_cfg("configs/dn_deformable_detr_r50.yaml", *cfg)).refpoint_embed.weight.detach()
+    assert dnd.abs().max().item() <= 3.0 and dnd.sigmoid().min() > 0.04

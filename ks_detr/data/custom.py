@@ -71,7 +71,8 @@ def register_checked_coco(name, json_file, image_root):
     """Check the dataset (:func:`check_coco_json`), log what will be dropped or clipped, register it."""
     counts = check_coco_json(json_file, image_root)
     logger.info("dataset %s (%s): %d boxes with zero/negative size dropped, %d boxes clipped to the image, "
-                "%d images without boxes kept as background", name, json_file, counts["degenerate_boxes"],
+                "%d images without boxes (all background; training skips them while "
+                "DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)", name, json_file, counts["degenerate_boxes"],
                 counts["clipped_boxes"], counts["images_without_boxes"])
     register_coco_instances(name, {}, json_file, image_root)
     return counts

@@ -59,6 +59,16 @@ class DABDETR(DETRBase):
         self.refpoint_embed = nn.Embedding(d.NUM_QUERIES, 4)
         return DABDecoder(d.DEC_LAYERS, d.HIDDEN_DIM, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT, d.ACTIVATION)
 
+    RANDOM_XY_ANCHORS = True  # official KS-DAB config: anchor centres from U(0, 1); DN-DETR keeps N(0, 1)
+
+    def reset_parameters(self):
+        """As the official KS-DAB-DETR config: anchor centres uniform in [0, 1] (stored unsigmoided)."""
+        super().reset_parameters()
+        if self.RANDOM_XY_ANCHORS:
+            with torch.no_grad():
+                xy = self.refpoint_embed.weight[:, :2]
+                xy.copy_(inverse_sigmoid(torch.rand_like(xy)))
+
     def queries(self, targets, rows):
         """Content queries (rows, Q, C) (zeros), anchors (rows, Q, 4), self-attention mask, dn meta."""
         anchors = self.refpoint_embed.weight[None].expand(rows, -1, -1)

@@ -197,13 +197,13 @@ class DNDeformableDETR(DeformableDETR):
         return torch.stack([head(h) for head, h in zip(self.class_embed, hs)])
 
     def reset_parameters(self):
-        """As detrex: zero content queries, uniform anchors (in sigmoid space); only the first box
-        head starts with the -2 size bias."""
+        """As detrex: zero content queries, uniform anchors (in sigmoid space, logits clamped to
+        [-3, 3]); only the first box head starts with the -2 size bias."""
         self.reset_deformable()
         nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
         nn.init.zeros_(self.tgt_embed.weight)
         with torch.no_grad():
-            self.refpoint_embed.weight.copy_(inverse_sigmoid(torch.rand_like(self.refpoint_embed.weight)))
+            self.refpoint_embed.weight.copy_(inverse_sigmoid(torch.rand_like(self.refpoint_embed.weight)).clamp(-3, 3))
 
     def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
         rows = memory.shape[0]

@@ -15,6 +15,8 @@ class DNDETR(DABDETR):
     """DN-DETR; with ``MODEL.KS.ENABLED`` it trains as KS-DN-DETR. Matching queries' content is the
     "unknown" label embedding with indicator 0."""
 
+    RANDOM_XY_ANCHORS = False  # official KS-DN-DETR config: default N(0, 1) anchors
+
     def build_decoder(self, cfg):
         self.dn = DenoisingQueries(cfg)
         return super().build_decoder(cfg)
