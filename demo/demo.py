@@ -11,24 +11,13 @@ import os
 import sys
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ks_detr import add_ks_detr_config, check_ks_detr_config  # noqa: E402
-
-
-def setup(args):
-    cfg = get_cfg()
-    add_ks_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    check_ks_detr_config(cfg)
-    cfg.freeze()
-    return cfg
+from ks_detr import load_config  # noqa: E402
 
 
 def main(argv=None):
@@ -42,7 +31,8 @@ def main(argv=None):
     missing = [p for p in args.input if not os.path.isfile(p)]
     if missing:
         parser.error(f"input image(s) not found: {missing}")
-    cfg = setup(args)
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
     if not cfg.MODEL.WEIGHTS:
         print("warning: MODEL.WEIGHTS is empty, predicting with a randomly initialised model", file=sys.stderr)
     predictor = DefaultPredictor(cfg)

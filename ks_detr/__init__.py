@@ -3,7 +3,7 @@
 Importing the package registers the meta-architectures (``ConditionalDETR``, ``DABDETR``,
 ``DNDETR``, ``DeformableDETR``, ``DNDeformableDETR`` and their ``KS*`` names) and the ``trees_train`` / ``trees_val`` datasets.
 """
-from .config import add_ks_detr_config, check_ks_detr_config
+from .config import add_ks_detr_config, check_ks_detr_config, load_config
 from .data import DetrDatasetMapper
 from .modeling import (
     DABDETR,
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "add_ks_detr_config",
     "check_ks_detr_config",
+    "load_config",
     "build_optimizer",
     "DetrDatasetMapper",
     "DETRBase",

@@ -1,5 +1,6 @@
 """Config keys of ks-detr: ``add_ks_detr_config(cfg)`` and ``check_ks_detr_config(cfg)``."""
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 KS_MODES = ("triple", "share_v", "share_a")
 MASK_SAMPLINGS = ("bilinear", "area")
@@ -126,3 +127,13 @@ def check_ks_detr_config(cfg):
         _fail("TEST.AUG.ENABLED", cfg.TEST.AUG.ENABLED, "test-time augmentation is not supported")
     if cfg.MODEL.MASK_ON:
         _fail("MODEL.MASK_ON", cfg.MODEL.MASK_ON, "ks-detr models predict boxes only")
+
+
+def load_config(config_file, opts=()):
+    """detectron2 config with our keys, ``config_file`` and ``KEY VALUE`` overrides merged and checked."""
+    cfg = get_cfg()
+    add_ks_detr_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    check_ks_detr_config(cfg)
+    return cfg

@@ -3,22 +3,16 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.structures import Boxes, Instances
 
-from ks_detr import add_ks_detr_config, check_ks_detr_config
+from ks_detr import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_cfg(config="configs/ks_conditional_detr_r50.yaml", *opts):
     """Config from a shipped YAML, random init, CPU, plus ``KEY VALUE`` overrides."""
-    cfg = get_cfg()
-    add_ks_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, config))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
-    check_ks_detr_config(cfg)
-    return cfg
+    return load_config(os.path.join(REPO, config), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 def tame_random_backbone(model, gain=0.1):
