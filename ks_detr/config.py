@@ -79,6 +79,10 @@ def check_ks_detr_config(cfg):
     if d.NUM_FEATURE_LEVELS < len(d.IN_FEATURES) or not d.IN_FEATURES:
         _fail("MODEL.DETR.NUM_FEATURE_LEVELS", d.NUM_FEATURE_LEVELS,
               f"needs at least one level per MODEL.DETR.IN_FEATURES={list(d.IN_FEATURES)}")
+    if d.DEFORMABLE_POINTS < 1:
+        _fail("MODEL.DETR.DEFORMABLE_POINTS", d.DEFORMABLE_POINTS, "must be >= 1")
+    if cfg.MODEL.BACKBONE.NAME == "build_mobilenet_v2_backbone" and not 0 <= cfg.MODEL.BACKBONE.FREEZE_AT <= 5:
+        _fail("MODEL.BACKBONE.FREEZE_AT", cfg.MODEL.BACKBONE.FREEZE_AT, "MobileNet-V2 has 5 stages: use 0..5")
     if d.HIDDEN_DIM % d.NHEADS:
         _fail("MODEL.DETR.HIDDEN_DIM", d.HIDDEN_DIM, f"must be divisible by NHEADS={d.NHEADS}")
     if d.HIDDEN_DIM % 2:

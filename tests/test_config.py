@@ -69,6 +69,8 @@ def test_unknown_key_is_rejected_with_its_name(tmp_path):
     ("SOLVER.OPTIMIZER", "LAMB"),
     ("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full"),
     ("MODEL.MASK_ON", True),
+    ("MODEL.DETR.DEFORMABLE_POINTS", 0),
+    ("MODEL.DETR.DN.BOX_NOISE", 1.5),
 ])
 def test_invalid_values_name_key_and_value(key, value):
     cfg = make_cfg("configs/ks_conditional_detr_r50.yaml")
@@ -82,3 +84,10 @@ def test_bad_in_feature_is_named():
     cfg = make_cfg("configs/conditional_detr_r50.yaml", "MODEL.DETR.IN_FEATURES", ["res4"])
     with pytest.raises(ValueError, match=r"MODEL.DETR.IN_FEATURES=\['res4'\]"):
         build_model(cfg)
+
+
+def test_mobilenet_freeze_at_out_of_range_is_named():
+    cfg = make_cfg("configs/conditional_detr_r50.yaml", "MODEL.BACKBONE.NAME", "build_mobilenet_v2_backbone")
+    cfg.merge_from_list(["MODEL.BACKBONE.FREEZE_AT", 6])
+    with pytest.raises(ValueError, match="MODEL.BACKBONE.FREEZE_AT=6"):
+        check_ks_detr_config(cfg)

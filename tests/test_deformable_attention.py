@@ -21,7 +21,7 @@ def bilinear(img, x, y):
 
 def naive(value, shapes, loc, weights):
     B, N, H, D = value.shape
-    Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    Lq, P = loc.shape[1], loc.shape[4]
     out = torch.zeros(B, Lq, H * D, dtype=value.dtype)
     starts = [0]
     for h, w in shapes:

@@ -1,6 +1,5 @@
 """demo/demo.py and tools/plot_metrics.py write the pictures they promise."""
 import json
-import os
 import subprocess
 import sys
 

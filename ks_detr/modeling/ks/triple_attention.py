@@ -6,7 +6,6 @@ Streams are stacked along the batch axis, stream-major: ``(S*B, N, C)``. Stream 
 runs through one SDPA call and one shared out-projection, norm and FFN.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..deformable_attention import MSDeformAttn, deformable_sample
