@@ -17,7 +17,7 @@ from ks_detr.data.datasets import datasets_root, register_trees
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREPARE = REPO_ROOT / "tools" / "prepare_data.py"
 # prepare_data.py is deterministic (fixed wheel hash, fixed tiling): the exact default-tile counts
-EXPECTED = {"train": (54, 1087), "val": (2, 98)}
+EXPECTED = {"train": (108, 2096), "val": (16, 299)}
 
 
 def _load_prepare_module():
@@ -62,8 +62,28 @@ def test_prepared_split(trees_dir, split):
         assert ann["category_id"] == 1 and ann["iscrowd"] == 0
         assert ann["area"] == pytest.approx(w * h)
     if split == "train":
-        assert len(data["images"]) > 30 and len(data["annotations"]) > 800
         assert all((im["width"], im["height"]) == (400, 400) for im in data["images"])
+    assert data["info"]["version"] == _load_prepare_module().SPLIT_VERSION
+
+
+def test_train_val_disjoint(trees_dir):
+    """No pixel of a val tile lies in a train tile of the same source image."""
+    prep = _load_prepare_module()
+    spans = {}
+    for split in ("train", "val"):
+        data = json.loads((trees_dir / "annotations" / f"{split}.json").read_text())
+        for im in data["images"]:
+            name, x0, y0 = im["file_name"][: -len(".jpg")].rsplit("_", 2)
+            spans.setdefault((name, split), []).append((int(y0), int(y0) + im["height"]))
+    for name, train_rows, val_rows in prep.SOURCES:
+        train = spans[(name, "train")]
+        assert min(a for a, _ in train) == train_rows[0] and max(b for _, b in train) == train_rows[1]
+        if val_rows is None:
+            assert (name, "val") not in spans
+            continue
+        val = spans[(name, "val")]
+        assert max(b for _, b in train) <= min(a for a, _ in val)
+        assert max(b for _, b in val) == val_rows[1]
 
 
 def test_readme_credits_source(trees_dir):
@@ -73,7 +93,7 @@ def test_readme_credits_source(trees_dir):
 
 def test_catalog_trees_val(trees_dir):
     dicts = DatasetCatalog.get("trees_val")
-    assert len(dicts) == 2
+    assert len(dicts) == EXPECTED["val"][0]
     assert sum(len(d["annotations"]) for d in dicts) == EXPECTED["val"][1]
     for d in dicts:
         assert Path(d["file_name"]).is_file()
@@ -125,6 +145,7 @@ def test_tiling_helpers():
     assert prep.tile_starts(1249, 400) == [0, 400, 800, 849]
     assert prep.tile_starts(800, 400) == [0, 400]
     assert prep.tile_starts(300, 400) == [0]
+    assert prep.tile_starts(1249, 400, 200) == [0, 200, 400, 600, 800, 849]
     boxes = [[390, 10, 420, 30], [395, 10, 440, 30], [0, 0, 10, 10]]
     # centre 405 -> second tile only, clipped to x in [400, 420]; centre 417.5 -> second tile
     assert prep.crop_boxes(boxes, 0, 0, 400, 400) == [[0, 0, 10, 10]]
@@ -134,8 +155,9 @@ def test_tiling_helpers():
 def test_prepare_is_idempotent(tmp_path):
     ann = tmp_path / "trees" / "annotations"
     ann.mkdir(parents=True)
+    prep = _load_prepare_module()
     for split in ("train", "val"):
-        (ann / f"{split}.json").write_text("{}")
+        (ann / f"{split}.json").write_text(json.dumps({"info": {"version": prep.SPLIT_VERSION}}))
     result = subprocess.run(
         [sys.executable, str(PREPARE), "--root", str(tmp_path)],
         capture_output=True,
