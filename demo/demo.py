@@ -12,12 +12,12 @@ import sys
 
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ks_detr import load_config  # noqa: E402
+from ks_detr.data.images import read_image  # noqa: E402  (EXIF, 16-bit, alpha as in training)
 
 
 def main(argv=None):

@@ -34,7 +34,8 @@ def write_dataset(root, annotations=None, categories=None, images=None):
 def test_good_dataset_counts_and_registration(tmp_path):
     js, img = write_dataset(tmp_path)
     counts = check_coco_json(js, img)
-    assert counts == {"degenerate_boxes": 1, "clipped_boxes": 1, "images_without_boxes": 1}
+    assert counts == {"degenerate_boxes": 1, "clipped_boxes": 1, "images_without_boxes": 1,
+                      "exif_rotated_images": 0, "high_bit_depth_images": 0, "images_with_alpha": 0}
     register_checked_coco("custom_ok_train", js, img)
     cfg = make_cfg("configs/conditional_detr_r50.yaml", "DATASETS.TRAIN", ("custom_ok_train",),
                    "DATASETS.TEST", ("custom_ok_train",), "MODEL.DETR.NUM_CLASSES", 2)

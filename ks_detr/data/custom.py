@@ -11,6 +11,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 
+from .images import image_info
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,9 +24,14 @@ def check_coco_json(json_file, image_root):
     """Validate a COCO detection json and its images.
 
     Raises :class:`DatasetError` for malformed json (file, line, column), a category id missing from
-    ``categories``, or a missing/unreadable image. Returns counts of what detectron2's mapper will
-    do silently: boxes with zero/negative size (dropped) and boxes reaching outside the image
-    (clipped), plus images without boxes (kept as all-background).
+    ``categories``, a missing/unreadable image, or an image whose size differs from the json's
+    width/height. The size compared is the *displayed* one (after EXIF orientation), which is what
+    training reads (:mod:`ks_detr.data.images`); a json holding the stored, unrotated size of a
+    rotated photo gets its own message. Only image headers are read. Returns counts of what the
+    mapper will do silently: boxes with zero/negative size (dropped) and boxes reaching outside the
+    image (clipped), images without boxes (kept as all-background), and images that are
+    EXIF-rotated, have more than 8 bits per sample (min-max stretched) or have alpha (composited
+    onto black).
     """
     try:
         with open(json_file) as f:
@@ -38,15 +45,22 @@ def check_coco_json(json_file, image_root):
             raise DatasetError(f"{json_file}: missing the '{key}' list")
     category_ids = {c["id"] for c in data["categories"]}
     images = {}
+    counts = {"degenerate_boxes": 0, "clipped_boxes": 0, "images_without_boxes": 0,
+              "exif_rotated_images": 0, "high_bit_depth_images": 0, "images_with_alpha": 0}
     for img in data["images"]:
+        where = f"{json_file}: image id {img.get('id')} ({img.get('file_name')})"
         path = os.path.join(image_root, img["file_name"])
         try:
             with Image.open(path) as im:
                 im.verify()
+            info = image_info(path)
         except (OSError, SyntaxError) as e:
-            raise DatasetError(f"{json_file}: image id {img['id']} ({img['file_name']}): cannot read {path}: {e}") from e
+            raise DatasetError(f"{where}: cannot read {path}: {e}") from e
+        _check_size(where, img, info)
+        counts["exif_rotated_images"] += info.orientation != 1
+        counts["high_bit_depth_images"] += info.high_bit_depth
+        counts["images_with_alpha"] += info.alpha
         images[img["id"]] = img
-    counts = {"degenerate_boxes": 0, "clipped_boxes": 0, "images_without_boxes": 0}
     with_boxes = set()
     for ann in data["annotations"]:
         if ann.get("category_id") not in category_ids:
@@ -67,6 +81,25 @@ def check_coco_json(json_file, image_root):
     return counts
 
 
+def _check_size(where, img, info):
+    """The json's width/height must be the displayed size (EXIF orientation applied)."""
+    if not all(isinstance(img.get(k), (int, float)) and not isinstance(img.get(k), bool) for k in ("width", "height")):
+        raise DatasetError(f"{where}: needs numeric 'width' and 'height' (got {img.get('width')!r}, "
+                           f"{img.get('height')!r}); the image is {info.width}x{info.height} (width x height)")
+    json_wh = (img["width"], img["height"])
+    if json_wh == (info.width, info.height):
+        return
+    if info.orientation != 1 and json_wh == (info.stored_width, info.stored_height):
+        raise DatasetError(
+            f"{where}: json width x height {json_wh[0]}x{json_wh[1]} is the stored pixel grid, but the EXIF "
+            f"orientation {info.orientation} displays (and training reads) the image as {info.width}x{info.height}. "
+            f"If the boxes were drawn on the displayed image, set width={info.width}, height={info.height} in the "
+            "json; if they were drawn on the stored pixels, remove the EXIF orientation tag from the file")
+    rotated = f" after its EXIF orientation {info.orientation}" if info.orientation != 1 else ""
+    raise DatasetError(f"{where}: json width x height {json_wh[0]}x{json_wh[1]} differs from the image's "
+                       f"{info.width}x{info.height}{rotated}")
+
+
 def register_checked_coco(name, json_file, image_root):
     """Check the dataset (:func:`check_coco_json`), log what will be dropped or clipped, register it."""
     counts = check_coco_json(json_file, image_root)
@@ -74,6 +107,11 @@ def register_checked_coco(name, json_file, image_root):
                 "%d images without boxes (all background; training skips them while "
                 "DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)", name, json_file, counts["degenerate_boxes"],
                 counts["clipped_boxes"], counts["images_without_boxes"])
+    if counts["exif_rotated_images"] or counts["high_bit_depth_images"] or counts["images_with_alpha"]:
+        logger.info("dataset %s: %d images rotated by their EXIF orientation (boxes refer to the displayed image), "
+                    "%d images with more than 8 bits per sample (stretched to 0-255 by each image's min-max), "
+                    "%d images with alpha (composited onto black)", name, counts["exif_rotated_images"],
+                    counts["high_bit_depth_images"], counts["images_with_alpha"])
     register_coco_instances(name, {}, json_file, image_root)
     return counts
 

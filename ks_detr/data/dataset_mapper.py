@@ -6,10 +6,16 @@ import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from .images import read_image
+
 
 class DetrDatasetMapper:
     """Reads the image, applies DETR augmentation (train) or the test resize, returns detectron2's
     model input dict (``image`` (3, H, W) uint8 tensor, ``instances`` in training).
+
+    Images are read by :func:`ks_detr.data.images.read_image`: EXIF orientation applied (boxes and
+    json width/height refer to the displayed image), grayscale replicated to 3 channels, alpha
+    composited onto black, more than 8 bits per sample min-max stretched to 0-255 per image.
 
     Train: random flip, then with probability 0.5 a resize to one of
     ``INPUT.CROP.PRE_RESIZE_SIZES`` + ``RandomCrop(INPUT.CROP.TYPE, INPUT.CROP.SIZE)``, then the
@@ -37,7 +43,7 @@ class DetrDatasetMapper:
 
     def __call__(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.img_format)
+        image = read_image(dataset_dict["file_name"], format=self.img_format)
         utils.check_image_size(dataset_dict, image)
         augs = self.augs
         if self.crop_augs is not None and np.random.rand() < 0.5:
