@@ -8,10 +8,11 @@
         --register-coco my_val val.json images/ DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_val",)'
 """
 import os
+import time
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, HookBase, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -20,8 +21,23 @@ from ks_detr import DetrDatasetMapper, build_optimizer, load_config
 from ks_detr.data import check_num_classes, register_checked_coco
 
 
+class WallClock(HookBase):
+    """Records ``wall_minutes`` (since this process started training, evaluations included) at every
+    iteration, so each row of ``metrics.json`` says when it was reached (``tools/plot_metrics.py --x minutes``)."""
+
+    def before_train(self):
+        self._start = time.perf_counter()
+
+    def after_step(self):
+        minutes = (time.perf_counter() - self._start) / 60
+        self.trainer.storage.put_scalar("wall_minutes", minutes, smoothing_hint=False)
+
+
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the DETR mapper, AdamW + backbone multiplier and COCO evaluation."""
+    """DefaultTrainer with the DETR mapper, AdamW + backbone multiplier, COCO evaluation and a wall clock."""
+
+    def build_hooks(self):
+        return [WallClock()] + super().build_hooks()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

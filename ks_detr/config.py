@@ -7,6 +7,7 @@ MASK_SAMPLINGS = ("bilinear", "area")
 OPTIMIZERS = ("ADAMW", "SGD")
 CLIP_TYPES = ("full_model", "value", "norm")
 ACTIVATIONS = ("relu", "prelu", "gelu")
+TWO_STAGE_ARCHS = ("DNDeformableDETR", "KSDNDeformableDETR")
 
 
 def add_ks_detr_config(cfg):
@@ -37,6 +38,7 @@ def add_ks_detr_config(cfg):
     _C.FOCAL_ALPHA = 0.25  # focal loss alpha (loss and matcher)
     _C.FOCAL_GAMMA = 2.0  # focal loss gamma (loss and matcher)
     _C.AUX_LOSS = True  # loss on every decoder layer, not only the last
+    _C.TWO_STAGE = False  # DN-Deformable: anchors = top-k encoder proposals (query selection), own loss
     _C.DN = CN()  # denoising queries (DN-DETR family only)
     _C.DN.GROUPS = 5  # noised copies of every GT box per image (0 = off)
     _C.DN.LABEL_NOISE = 0.2  # probability of flipping a denoising query's label
@@ -93,6 +95,9 @@ def check_ks_detr_config(cfg):
         _fail("MODEL.DETR.ACTIVATION", d.ACTIVATION, f"choose one of {ACTIVATIONS}")
     if d.NUM_TOPK_TEST < 1:
         _fail("MODEL.DETR.NUM_TOPK_TEST", d.NUM_TOPK_TEST, "must be >= 1")
+    if d.TWO_STAGE and cfg.MODEL.META_ARCHITECTURE not in TWO_STAGE_ARCHS:
+        _fail("MODEL.DETR.TWO_STAGE", d.TWO_STAGE,
+              f"query selection is implemented for {TWO_STAGE_ARCHS}, not {cfg.MODEL.META_ARCHITECTURE}")
     if d.DN.GROUPS < 0:
         _fail("MODEL.DETR.DN.GROUPS", d.DN.GROUPS, "must be >= 0")
     for key in ("LABEL_NOISE", "BOX_NOISE"):

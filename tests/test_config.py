@@ -24,14 +24,16 @@ def flat(cfg, prefix=""):
 def test_every_shipped_yaml_loads_and_builds(config):
     model = build_model(make_cfg(config, "MODEL.DETR.NUM_QUERIES", 10))
     assert model.ks_enabled == os.path.basename(config).startswith("ks_")
-    assert sum(p.numel() for p in model.parameters()) > 20e6
+    quickstart = config.startswith(os.path.join("configs", "quickstart"))
+    assert sum(p.numel() for p in model.parameters()) > (1e6 if quickstart else 20e6)  # MobileNet vs ResNet
 
 
 def test_ks_config_differs_from_its_baseline_only_by_ks_keys():
     for ks in (c for c in CONFIGS if os.path.basename(c).startswith("ks_")):
         base = ks.replace("ks_", "", 1)
         a, b = flat(make_cfg(ks)), flat(make_cfg(base))
-        assert {k for k in a if a[k] != b[k]} <= {k for k in a if k.startswith("MODEL.KS.")}, ks
+        allowed = {k for k in a if k.startswith("MODEL.KS.")} | {"OUTPUT_DIR"}
+        assert {k for k in a if a[k] != b[k]} <= allowed, ks
         assert a["MODEL.KS.ENABLED"] and not b["MODEL.KS.ENABLED"]
 
 

@@ -14,7 +14,8 @@ from conftest import REPO, make_cfg, tame_random_backbone, toy_inputs
 
 SMALL = ("MODEL.DETR.NUM_QUERIES", 50)  # keeps matching cheap; the architecture is unchanged
 FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr"]
-CONFIGS = sorted(f"configs/{c}" for c in os.listdir(os.path.join(REPO, "configs")) if not c.startswith("Base-"))
+CONFIGS = sorted(f"configs/{c}" for c in os.listdir(os.path.join(REPO, "configs"))
+                 if c.endswith(".yaml") and not c.startswith("Base-"))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -68,10 +69,12 @@ def eval_outputs(model, inputs):
         return [r["instances"] for r in model([{"image": x["image"]} for x in inputs])]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["dn_deformable_detr two-stage"])
 def test_ks_eval_equals_baseline_with_converted_weights(tmp_path, family):
     torch.manual_seed(0)
-    ks_model = build_model(make_cfg(f"configs/ks_{family}_r50.yaml", *SMALL))
+    family, _, variant = family.partition(" ")
+    opts = SMALL + (("MODEL.DETR.TWO_STAGE", True) if variant == "two-stage" else ())
+    ks_model = build_model(make_cfg(f"configs/ks_{family}_r50.yaml", *opts))
     with EventStorage():  # one update so that student and teacher weights are not at init
         sum(ks_model(toy_inputs()).values()).backward()
     with torch.no_grad():
@@ -82,7 +85,7 @@ def test_ks_eval_equals_baseline_with_converted_weights(tmp_path, family):
     torch.save({"model": ks_model.state_dict(), "iteration": 1}, ks_path)
     subprocess.run([sys.executable, os.path.join(REPO, "tools/ks_to_student.py"), str(ks_path), str(student_path)],
                    check=True)
-    base = build_model(make_cfg(f"configs/{family}_r50.yaml", *SMALL))
+    base = build_model(make_cfg(f"configs/{family}_r50.yaml", *opts))
     base.load_state_dict(torch.load(student_path, weights_only=True)["model"], strict=True)
 
     inputs = toy_inputs(sizes=((224, 200), (160, 240)))
@@ -156,3 +159,68 @@ def test_anchor_initialisation_per_family():
     assert dn[:, :2].sigmoid().min() > 0.005 and 0.8 < dn.std().item() < 1.2
     dnd = build_model(make_cfg("configs/dn_deformable_detr_r50.yaml", *cfg)).refpoint_embed.weight.detach()
     assert dnd.abs().max().item() <= 3.0 and dnd.sigmoid().min() > 0.04
+
+
+TWO_STAGE = ("MODEL.DETR.TWO_STAGE", True, "MODEL.DETR.HIDDEN_DIM", 64, "MODEL.DETR.DIM_FEEDFORWARD", 128,
+             "MODEL.DETR.ENC_LAYERS", 2, "MODEL.DETR.DEC_LAYERS", 2, "MODEL.DETR.NUM_QUERIES", 30)
+
+
+def test_two_stage_selects_top_proposals_like_a_loop():
+    """Query selection against a per-token loop: proposal = cell centre of the valid region and
+    size 0.05 * 2^level; tokens in padding or near the border are never selected."""
+    torch.manual_seed(0)
+    model = build_model(make_cfg("configs/dn_deformable_detr_r50.yaml", *TWO_STAGE)).eval()
+    inputs = toy_inputs(sizes=((224, 200), (160, 240)))
+    captured = {}
+    select = model.select_proposals
+
+    def spy(memory, memory_mask, ctx):
+        captured.update(memory=memory, mask=memory_mask, ctx=ctx)
+        captured["out"] = select(memory, memory_mask, ctx)
+        return captured["out"]
+
+    model.select_proposals = spy
+    with torch.no_grad():
+        model([{"image": x["image"]} for x in inputs])
+        memory, mask, ctx = captured["memory"], captured["mask"], captured["ctx"]
+        anchors, enc = captured["out"]
+        feats = model.enc_output(memory)
+        for b in range(memory.shape[0]):
+            rows, start = [], 0
+            for lvl, (h, w) in enumerate(ctx.shapes):
+                pad = mask[b, start:start + h * w].view(h, w)
+                vh, vw = int((~pad[:, 0]).sum()), int((~pad[0]).sum())
+                for i in range(h):
+                    for j in range(w):
+                        prop = torch.tensor([(j + 0.5) / vw, (i + 0.5) / vh, 0.05 * 2 ** lvl, 0.05 * 2 ** lvl])
+                        if pad[i, j] or not ((prop > 0.01) & (prop < 0.99)).all():
+                            continue
+                        f = feats[b, start + i * w + j]
+                        logit = model.enc_class_embed(f)
+                        box = (model.enc_bbox_embed(f) + torch.logit(prop, eps=1e-5)).sigmoid()
+                        rows.append((float(logit.max()), logit, box))
+                start += h * w
+            rows.sort(key=lambda r: -r[0])
+            top = rows[:30]
+            assert torch.allclose(enc["pred_logits"][b], torch.stack([r[1] for r in top]), atol=1e-5)
+            assert torch.allclose(enc["pred_boxes"][b], torch.stack([r[2] for r in top]), atol=1e-5)
+    assert not anchors.requires_grad and anchors.shape == (2, 30, 4)
+
+
+def test_two_stage_training_losses_every_stream():
+    torch.manual_seed(0)
+    model = build_model(make_cfg("configs/ks_dn_deformable_detr_r50.yaml", *TWO_STAGE))
+    assert not hasattr(model, "refpoint_embed")
+    with EventStorage():
+        losses = model(toy_inputs())
+    enc = sorted(k for k in losses if "_enc" in k)
+    assert enc == sorted(f"loss_{n}_enc{s}" for n in ("class", "bbox", "giou") for s in ("", "_ks_a", "_ks_v"))
+    sum(losses.values()).backward()
+    for name, p in model.named_parameters():  # (the box MLP's last layer starts at zero: only it has grads)
+        if name.startswith(("enc_output", "enc_class_embed", "enc_bbox_embed.layers.2")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_two_stage_only_where_implemented():
+    with pytest.raises(ValueError, match="MODEL.DETR.TWO_STAGE=True"):
+        make_cfg("configs/conditional_detr_r50.yaml", "MODEL.DETR.TWO_STAGE", True)

@@ -105,7 +105,7 @@ class ConditionalDETR(DETRBase):
         hs, reference = self.decoder(memory, memory_mask, pos, query_pos)
         boxes = self.bbox_embed(hs)
         boxes = torch.cat([boxes[..., :2] + inverse_sigmoid(reference), boxes[..., 2:]], -1).sigmoid()
-        return hs, boxes, None
+        return hs, boxes, {}
 
 
 @META_ARCH_REGISTRY.register()

@@ -78,7 +78,7 @@ class DABDETR(DETRBase):
         tgt, anchors, attn_mask, dn = self.queries(targets, memory.shape[0])
         hs, refs = self.decoder(tgt, memory, memory_mask, pos, anchors, self.bbox_embed, attn_mask)
         boxes = (self.bbox_embed(hs) + inverse_sigmoid(refs)).sigmoid()
-        return hs, boxes, dn
+        return hs, boxes, {"dn": dn} if dn else {}
 
 
 @META_ARCH_REGISTRY.register()

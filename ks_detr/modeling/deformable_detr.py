@@ -3,6 +3,8 @@ DN-Deformable DETR (4-D anchors, box refinement, denoising; detrex's recipe): a 
 feature pyramid (res3-res5 + one stride-2 conv) with multi-scale deformable attention in the
 encoder and in the decoder's cross-attention. KS-Deformable-DETR puts the deformable triple
 attention in the chosen encoder layers; the Fg-Bg mask covers every level."""
+import math
+
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -135,7 +137,7 @@ class DeformableDETR(DETRBase):
         hs = self.decoder(tgt, query_pos, reference, memory, memory_mask, ctx)
         boxes = self.bbox_embed(hs)
         boxes = torch.cat([boxes[..., :2] + inverse_sigmoid(reference), boxes[..., 2:]], -1).sigmoid()
-        return hs, boxes, None
+        return hs, boxes, {}
 
 
 @META_ARCH_REGISTRY.register()
@@ -178,13 +180,25 @@ class DNDeformableDecoder(nn.Module):
 @META_ARCH_REGISTRY.register()
 class DNDeformableDETR(DeformableDETR):
     """DN-Deformable-DETR: learned content queries and 4-D anchors, per-layer heads with box
-    refinement, denoising groups in training. With ``MODEL.KS.ENABLED``: KS-DN-Deformable-DETR."""
+    refinement, denoising groups in training. With ``MODEL.KS.ENABLED``: KS-DN-Deformable-DETR.
+
+    With ``MODEL.DETR.TWO_STAGE`` the anchors are not learned: every encoder token proposes a box
+    (its cell centre, size 0.05 * 2^level, refined by a head on the memory), the top-Q proposals by
+    class score become the anchors (detached; the content queries stay learned, as DINO's mixed
+    query selection), and the selected proposals get the detection loss too."""
 
     def build_decoder(self, cfg):
         d = cfg.MODEL.DETR
+        C = d.HIDDEN_DIM
+        self.num_queries = d.NUM_QUERIES
         self.dn = DenoisingQueries(cfg)
-        self.tgt_embed = nn.Embedding(d.NUM_QUERIES, d.HIDDEN_DIM - 1)  # + indicator 0
-        self.refpoint_embed = nn.Embedding(d.NUM_QUERIES, 4)
+        self.tgt_embed = nn.Embedding(d.NUM_QUERIES, C - 1)  # + indicator 0
+        self.two_stage = d.TWO_STAGE
+        if self.two_stage:
+            self.enc_output = nn.Sequential(nn.Linear(C, C), nn.LayerNorm(C))
+            self.enc_class_embed, self.enc_bbox_embed = nn.Linear(C, d.NUM_CLASSES), MLP(C, C, 4, 3)
+        else:
+            self.refpoint_embed = nn.Embedding(d.NUM_QUERIES, 4)
         return DNDeformableDecoder(d.DEC_LAYERS, d.HIDDEN_DIM, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT,
                                    d.ACTIVATION, d.NUM_FEATURE_LEVELS, d.DEFORMABLE_POINTS)
 
@@ -202,18 +216,52 @@ class DNDeformableDETR(DeformableDETR):
         self.reset_deformable()
         nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
         nn.init.zeros_(self.tgt_embed.weight)
+        if self.two_stage:  # proposal heads as the decoder heads: focal prior, zero box delta
+            nn.init.constant_(self.enc_class_embed.bias, -math.log((1 - 0.01) / 0.01))
+            nn.init.zeros_(self.enc_bbox_embed.layers[-1].weight)
+            nn.init.zeros_(self.enc_bbox_embed.layers[-1].bias)
+            return
         with torch.no_grad():
             self.refpoint_embed.weight.copy_(inverse_sigmoid(torch.rand_like(self.refpoint_embed.weight)).clamp(-3, 3))
+
+    def select_proposals(self, memory, memory_mask, ctx):
+        """Two-stage query selection.
+
+        memory (B', N, C), memory_mask (B', N) True = padding -> anchors (B', Q, 4) unsigmoided and
+        detached, and the selected proposals ``dict(pred_logits (B', Q, K), pred_boxes (B', Q, 4))``.
+        """
+        N = memory.shape[1]
+        if N < self.num_queries:
+            raise ValueError(f"MODEL.DETR.NUM_QUERIES={self.num_queries} exceeds the {N} encoder tokens "
+                             "of this input: use fewer queries or larger images")
+        level = torch.cat([torch.full((h * w,), lvl, device=memory.device) for lvl, (h, w) in enumerate(ctx.shapes)])
+        centre = ctx.reference_points[:, torch.arange(N, device=memory.device), level] / ctx.valid_ratios[:, level]
+        size = (0.05 * 2.0 ** level)[None, :, None].expand_as(centre)
+        proposals = torch.cat([centre, size], -1)  # (B', N, 4) cxcywh of the valid image region
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1) & ~memory_mask
+        feats = self.enc_output(memory.masked_fill(~valid[..., None], 0.0))
+        logits = self.enc_class_embed(feats)
+        coords = self.enc_bbox_embed(feats) + inverse_sigmoid(proposals)
+        idx = logits.max(-1).values.masked_fill(~valid, float("-inf")).topk(self.num_queries, dim=1).indices
+        logits = torch.gather(logits, 1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+        coords = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 4))
+        return coords.detach(), dict(pred_logits=logits, pred_boxes=coords.sigmoid())
 
     def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
         rows = memory.shape[0]
         tgt = self.tgt_embed.weight
         tgt = torch.cat([tgt, torch.zeros_like(tgt[:, :1])], -1)[None].expand(rows, -1, -1)
-        anchors = self.refpoint_embed.weight[None].expand(rows, -1, -1)
+        extras = {}
+        if self.two_stage:
+            anchors, extras["enc"] = self.select_proposals(memory, memory_mask, ctx)
+        else:
+            anchors = self.refpoint_embed.weight[None].expand(rows, -1, -1)
         tgt, anchors, attn_mask, dn = self.dn.prepend(tgt, anchors, targets)
+        if dn:
+            extras["dn"] = dn
         hs, refs = self.decoder(tgt, anchors, memory, memory_mask, ctx, self.bbox_embed, attn_mask)
         boxes = torch.stack([(head(h) + inverse_sigmoid(r)).sigmoid() for head, h, r in zip(self.bbox_embed, hs, refs)])
-        return hs, boxes, dn
+        return hs, boxes, extras
 
 
 @META_ARCH_REGISTRY.register()

@@ -137,8 +137,9 @@ class DETRBase(nn.Module):
             ctx: the multi-scale context of the memory (B' rows), or None.
         Returns:
             hs (L, B', P+Q, C) normalised decoder states, boxes (L, B', P+Q, 4) sigmoid cxcywh and
-            the denoising metadata (``dict(groups, group_size)``, P = groups * group_size leading
-            denoising queries) or None when there are none.
+            a dict of extras: "dn", the denoising metadata ``dict(groups, group_size)`` when there
+            are P = groups * group_size leading denoising queries; "enc", the selected encoder
+            proposals ``dict(pred_logits (B', Q, K), pred_boxes (B', Q, 4))`` of two-stage models.
         """
         raise NotImplementedError
 
@@ -193,21 +194,23 @@ class DETRBase(nn.Module):
         S = memory.shape[0] // B
         targets = self.prepare_targets(batched_inputs) if self.training else None
         ctx = None if ctx is None else ctx.repeat(S)
-        hs, boxes, dn = self.decode(memory, key_mask.repeat(S, 1), pos.repeat(S, 1, 1), targets, ctx)
+        hs, boxes, extras = self.decode(memory, key_mask.repeat(S, 1), pos.repeat(S, 1, 1), targets, ctx)
         logits = self.predict_logits(hs)
 
         if self.training:
-            return self.criterion(self.loss_outputs(logits, boxes, B, dn), targets)
+            return self.criterion(self.loss_outputs(logits, boxes, B, extras), targets)
         return self.inference(logits[-1], boxes[-1], images.image_sizes, batched_inputs)
 
-    def loss_outputs(self, logits, boxes, batch, dn=None):
+    def loss_outputs(self, logits, boxes, batch, extras):
         """Outputs that get a loss: the student's last layer (no suffix), its earlier layers
-        (``_i``) and the last ``TEACHER_DECODER_LAYERS`` of every teacher (``_ks_{a|v}[_i]``).
+        (``_i``) and the last ``TEACHER_DECODER_LAYERS`` of every teacher (``_ks_{a|v}[_i]``); with
+        two-stage query selection also every stream's encoder proposals (``_enc[_ks_{a|v}]``).
 
-        logits: (L, S*B, P+Q, K), boxes: (L, S*B, P+Q, 4); the P leading denoising queries (``dn``)
-        become each output's "dn" entry.
+        logits: (L, S*B, P+Q, K), boxes: (L, S*B, P+Q, 4); the P leading denoising queries
+        (``extras["dn"]``) become each output's "dn" entry.
         """
         L, S = logits.shape[0], logits.shape[1] // batch
+        dn = extras.get("dn")
         P = dn["groups"] * dn["group_size"] if dn else 0
         kept = [(L - 1, 0, "", 1.0)]
         if self.aux_loss:
@@ -223,6 +226,12 @@ class DETRBase(nn.Module):
             if dn:
                 out["dn"] = dict(dn, pred_logits=lg[:, :P], pred_boxes=bx[:, :P])
             outputs.append(out)
+        enc = extras.get("enc")
+        for s in range(S if enc else 0):
+            rows = slice(s * batch, (s + 1) * batch)
+            suffix, weight = ("_enc", 1.0) if s == 0 else (f"_enc_ks_{self.ks_streams[s]}", self.ks_teacher_weight)
+            outputs.append(dict(pred_logits=enc["pred_logits"][rows], pred_boxes=enc["pred_boxes"][rows],
+                                suffix=suffix, weight=weight))
         return outputs
 
     def prepare_targets(self, batched_inputs):
