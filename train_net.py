@@ -68,7 +68,7 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     for name, json_file, image_root in args.register_coco or []:
-        register_checked_coco(name, json_file, image_root)
+        register_checked_coco(name, json_file, image_root, args.skip_bad_records, cfg.OUTPUT_DIR)
     check_num_classes(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -85,6 +85,9 @@ if __name__ == "__main__":
     parser = default_argument_parser()
     parser.add_argument("--register-coco", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_DIR"),
                         help="register a COCO-format dataset (checked before training); repeatable")
+    parser.add_argument("--skip-bad-records", action="store_true",
+                        help="with --register-coco: leave out unreadable/missing images, size mismatches and "
+                             "annotations with unknown category or image ids (counted in the log) instead of stopping")
     args = parser.parse_args()
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

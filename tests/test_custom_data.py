@@ -87,3 +87,24 @@ def test_train_net_register_coco_trains(tmp_path):
     log = r.stdout + r.stderr
     assert "1 boxes with zero/negative size dropped, 1 boxes clipped to the image, 1 images without boxes" in log
     assert "copypaste: AP,AP50" in log
+
+
+def test_skip_bad_records_leaves_them_out_and_counts_them(tmp_path):
+    js, img = write_dataset(tmp_path, annotations=[
+        {"id": 1, "image_id": 0, "category_id": 7, "bbox": [10, 10, 20, 15], "area": 300, "iscrowd": 0},
+        {"id": 2, "image_id": 0, "category_id": 4, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},  # unknown cat
+        {"id": 3, "image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},  # image missing
+        {"id": 4, "image_id": 42, "category_id": 9, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},  # no such image
+    ])
+    os.remove(tmp_path / "img" / "1.jpg")
+    with pytest.raises(DatasetError, match=r"image id 1 \(1.jpg\): cannot read"):
+        check_coco_json(js, img)
+    counts = check_coco_json(js, img, skip_bad=True)
+    assert (counts["skipped_images"], counts["skipped_annotations"]) == (1, 2)
+    assert [im["id"] for im in counts["data"]["images"]] == [0]
+    assert [a["id"] for a in counts["data"]["annotations"]] == [1]
+    register_checked_coco("custom_skip_train", js, img, skip_bad=True, out_dir=str(tmp_path / "out"))
+    from detectron2.data import DatasetCatalog
+    dicts = DatasetCatalog.get("custom_skip_train")
+    assert len(dicts) == 1 and [a["bbox"] for a in dicts[0]["annotations"]] == [[10, 10, 20, 15]]
+    assert (tmp_path / "out" / "custom_skip_train.checked.json").is_file()

@@ -1,7 +1,9 @@
 """The user's own COCO-format datasets: checked up front, then registered with detectron2.
 
 ``train_net.py --register-coco NAME JSON IMAGE_DIR`` calls :func:`register_checked_coco`. Bad
-data stops the run before training with a message naming the file and the record.
+data stops the run before training with a message naming the file and the record; with
+``--skip-bad-records`` such records are left out instead (counted in the log, the cleaned json written
+to OUTPUT_DIR).
 """
 import json
 import logging
@@ -20,7 +22,7 @@ class DatasetError(ValueError):
     """Invalid user dataset; the message names the file and the record."""
 
 
-def check_coco_json(json_file, image_root):
+def check_coco_json(json_file, image_root, skip_bad=False):
     """Validate a COCO detection json and its images.
 
     Raises :class:`DatasetError` for malformed json (file, line, column), a category id missing from
@@ -32,6 +34,10 @@ def check_coco_json(json_file, image_root):
     image (clipped), images without boxes (kept as all-background), and images that are
     EXIF-rotated, have more than 8 bits per sample (min-max stretched) or have alpha (composited
     onto black).
+
+    With ``skip_bad`` a bad image (with its annotations) or a bad annotation is left out instead of
+    raising (malformed json still raises); the counts then include ``skipped_images`` and
+    ``skipped_annotations``, and ``counts["data"]`` is the cleaned COCO dict.
     """
     try:
         with open(json_file) as f:
@@ -47,6 +53,15 @@ def check_coco_json(json_file, image_root):
     images = {}
     counts = {"degenerate_boxes": 0, "clipped_boxes": 0, "images_without_boxes": 0,
               "exif_rotated_images": 0, "high_bit_depth_images": 0, "images_with_alpha": 0}
+    skipped = {"images": 0, "annotations": 0}
+
+    def bad(kind, error):
+        """Raise ``error``, or with ``skip_bad`` count a skipped record of ``kind`` and log why."""
+        if not skip_bad:
+            raise error
+        skipped[kind] += 1
+        logger.warning("skipped: %s", error)
+
     for img in data["images"]:
         where = f"{json_file}: image id {img.get('id')} ({img.get('file_name')})"
         path = os.path.join(image_root, img["file_name"])
@@ -54,22 +69,33 @@ def check_coco_json(json_file, image_root):
             with Image.open(path) as im:
                 im.verify()
             info = image_info(path)
+            _check_size(where, img, info)
         except (OSError, SyntaxError) as e:
-            raise DatasetError(f"{where}: cannot read {path}: {e}") from e
-        _check_size(where, img, info)
+            bad("images", DatasetError(f"{where}: cannot read {path}: {e}"))
+            continue
+        except DatasetError as e:
+            bad("images", e)
+            continue
         counts["exif_rotated_images"] += info.orientation != 1
         counts["high_bit_depth_images"] += info.high_bit_depth
         counts["images_with_alpha"] += info.alpha
         images[img["id"]] = img
-    with_boxes = set()
+    with_boxes, kept = set(), []
+    known_image_ids = {img.get("id") for img in data["images"]}
     for ann in data["annotations"]:
+        if ann.get("image_id") in known_image_ids and ann.get("image_id") not in images:
+            continue  # its image was skipped
         if ann.get("category_id") not in category_ids:
-            raise DatasetError(f"{json_file}: annotation id {ann.get('id')} has category_id {ann.get('category_id')!r}, "
-                               f"not in categories {sorted(category_ids)}")
+            bad("annotations", DatasetError(
+                f"{json_file}: annotation id {ann.get('id')} has category_id {ann.get('category_id')!r}, "
+                f"not in categories {sorted(category_ids)}"))
+            continue
         img = images.get(ann.get("image_id"))
         if img is None:
-            raise DatasetError(f"{json_file}: annotation id {ann.get('id')} refers to image_id {ann.get('image_id')!r}, "
-                               "not in images")
+            bad("annotations", DatasetError(
+                f"{json_file}: annotation id {ann.get('id')} refers to image_id {ann.get('image_id')!r}, not in images"))
+            continue
+        kept.append(ann)
         x, y, w, h = ann["bbox"]
         if w <= 0 or h <= 0:
             counts["degenerate_boxes"] += 1
@@ -78,6 +104,9 @@ def check_coco_json(json_file, image_root):
             counts["clipped_boxes"] += 1
         with_boxes.add(img["id"])
     counts["images_without_boxes"] = len(images) - len(with_boxes)
+    if skip_bad:
+        counts["skipped_images"], counts["skipped_annotations"] = skipped["images"], skipped["annotations"]
+        counts["data"] = dict(data, images=list(images.values()), annotations=kept)
     return counts
 
 
@@ -100,9 +129,23 @@ def _check_size(where, img, info):
                        f"{info.width}x{info.height}{rotated}")
 
 
-def register_checked_coco(name, json_file, image_root):
-    """Check the dataset (:func:`check_coco_json`), log what will be dropped or clipped, register it."""
-    counts = check_coco_json(json_file, image_root)
+def register_checked_coco(name, json_file, image_root, skip_bad=False, out_dir=None):
+    """Check the dataset (:func:`check_coco_json`), log what will be dropped or clipped, register it.
+
+    With ``skip_bad``, records that fail the check are left out: when any is, the cleaned json is
+    written to ``<out_dir>/<name>.checked.json`` and registered instead of ``json_file``.
+    """
+    counts = check_coco_json(json_file, image_root, skip_bad)
+    data = counts.pop("data", None)
+    if skip_bad:
+        logger.info("dataset %s (%s): skipped %d bad images (with their annotations) and %d bad annotations",
+                    name, json_file, counts["skipped_images"], counts["skipped_annotations"])
+        if counts["skipped_images"] or counts["skipped_annotations"]:
+            os.makedirs(out_dir or ".", exist_ok=True)
+            json_file = os.path.join(out_dir or ".", f"{name}.checked.json")
+            with open(json_file, "w") as f:
+                json.dump(data, f)
+            logger.info("dataset %s: registered the cleaned json %s", name, json_file)
     logger.info("dataset %s (%s): %d boxes with zero/negative size dropped, %d boxes clipped to the image, "
                 "%d images without boxes (all background; training skips them while "
                 "DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)", name, json_file, counts["degenerate_boxes"],
