@@ -42,6 +42,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ks_detr import load_config  # noqa: E402
 from ks_detr.data.custom import register_checked_coco  # noqa: E402
+from ks_detr.data.images import read_image  # noqa: E402
 from ks_detr.modeling.ks import DeformableTripleAttention  # noqa: E402
 from ks_detr.modeling.ks.triple_attention import stack_streams  # noqa: E402
 
@@ -185,9 +186,9 @@ def load_example(cfg, record):
     Returns (input dict with "image" (3, h, w) and "instances", RGB image (H0, W0, 3) uint8,
     GT boxes (M, 4) xyxy in image pixels).
     """
-    image = utils.read_image(record["file_name"], format=cfg.INPUT.FORMAT)
+    rgb = read_image(record["file_name"], format="RGB")  # as training reads it (EXIF, 16-bit, alpha)
+    image = rgb if cfg.INPUT.FORMAT == "RGB" else read_image(record["file_name"], format=cfg.INPUT.FORMAT)
     utils.check_image_size(record, image)
-    rgb = utils.read_image(record["file_name"], format="RGB")
     annos = [a for a in record.get("annotations", []) if a.get("iscrowd", 0) == 0]
     bad = [a["category_id"] for a in annos if not 0 <= a["category_id"] < cfg.MODEL.DETR.NUM_CLASSES]
     if bad:
