@@ -7,54 +7,21 @@
     python train_net.py --config-file ... --register-coco my_train train.json images/ \
         --register-coco my_val val.json images/ DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_val",)'
 """
+import multiprocessing
 import os
-import time
+import signal
+import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, HookBase, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch.multiprocessing import ProcessExitedException
 
-from ks_detr import DetrDatasetMapper, build_optimizer, load_config
+from ks_detr import load_config
 from ks_detr.data import check_num_classes, register_checked_coco
-
-
-class WallClock(HookBase):
-    """Records ``wall_minutes`` (since this process started training, evaluations included) at every
-    iteration, so each row of ``metrics.json`` says when it was reached (``tools/plot_metrics.py --x minutes``)."""
-
-    def before_train(self):
-        self._start = time.perf_counter()
-
-    def after_step(self):
-        minutes = (time.perf_counter() - self._start) / 60
-        self.trainer.storage.put_scalar("wall_minutes", minutes, smoothing_hint=False)
-
-
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with the DETR mapper, AdamW + backbone multiplier, COCO evaluation and a wall clock."""
-
-    def build_hooks(self):
-        return [WallClock()] + super().build_hooks()
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder)
-
-    @classmethod
-    def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))
-
-    @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False))
-
-    @classmethod
-    def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)
+from ks_detr.engine import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, Trainer
 
 
 def setup(args):
@@ -81,14 +48,34 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
+def forward_signals_to_workers():
+    """With several local processes, a preemption signal sent to this launcher alone reaches every
+    worker (each saves a checkpoint after its step and exits)."""
+    def forward(signum, frame):
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+
+    for name in PREEMPTION_SIGNALS:
+        signal.signal(getattr(signal, name), forward)
+
+
+def get_parser():
     parser = default_argument_parser()
     parser.add_argument("--register-coco", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_DIR"),
                         help="register a COCO-format dataset (checked before training); repeatable")
     parser.add_argument("--skip-bad-records", action="store_true",
                         help="with --register-coco: leave out unreadable/missing images, size mismatches and "
                              "annotations with unknown category or image ids (counted in the log) instead of stopping")
-    args = parser.parse_args()
+    return parser
+
+
+if __name__ == "__main__":
+    args = get_parser().parse_args()
     print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    if args.num_gpus * args.num_machines > 1:
+        forward_signals_to_workers()
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except ProcessExitedException as e:  # a worker was preempted (or failed): its exit status is ours
+        sys.exit(e.exit_code if e.exit_code == PREEMPTED_EXIT_CODE else 1)

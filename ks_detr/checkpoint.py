@@ -1,5 +1,44 @@
-"""Checkpoint helpers: strip the training-only KS parameters to get the plain student."""
+"""Checkpoint helpers: atomic checkpoint files; strip the training-only KS parameters to get the
+plain student."""
+import os
+
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+
+def atomic_write(path, write):
+    """Call ``write(f)`` on a temporary file next to ``path`` (binary mode), flush it to disk and
+    rename it to ``path``: a reader never sees a partial file, even after a kill mid-write."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` whose ``model_*.pth`` and ``last_checkpoint`` files are written
+    atomically (:func:`atomic_write`); the checkpoint's content is detectron2's."""
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info(f"Saving checkpoint to {path}")
+        atomic_write(path, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(os.path.basename(path))
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
 
 def is_teacher_only(key):
     """True for a state-dict key that the student (= the baseline detector) does not have: the

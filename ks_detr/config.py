@@ -6,6 +6,7 @@ KS_MODES = ("triple", "share_v", "share_a")
 MASK_SAMPLINGS = ("bilinear", "area")
 OPTIMIZERS = ("ADAMW", "SGD")
 CLIP_TYPES = ("full_model", "value", "norm")
+AMP_DTYPES = ("", "bfloat16", "float16")
 ACTIVATIONS = ("relu", "prelu", "gelu")
 TWO_STAGE_ARCHS = ("DNDeformableDETR", "KSDNDeformableDETR")
 
@@ -63,6 +64,7 @@ def add_ks_detr_config(cfg):
     # (INPUT.CROP.*) before the usual multi-scale resize.
     cfg.INPUT.CROP.PRE_RESIZE_SIZES = [400, 500, 600]
 
+    cfg.SOLVER.AMP.DTYPE = ""  # with SOLVER.AMP.ENABLED: bfloat16 | float16 ("" = bfloat16 on CPU, float16 on CUDA)
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW | SGD
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # lr factor of parameters under "backbone."
     # SOLVER.CLIP_GRADIENTS.CLIP_TYPE may also be "full_model": one L2 norm over all parameters.
@@ -129,6 +131,8 @@ def check_ks_detr_config(cfg):
         _fail("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, f"choose one of {OPTIMIZERS}")
     if cfg.SOLVER.BACKBONE_MULTIPLIER < 0:
         _fail("SOLVER.BACKBONE_MULTIPLIER", cfg.SOLVER.BACKBONE_MULTIPLIER, "must be >= 0")
+    if cfg.SOLVER.AMP.DTYPE not in AMP_DTYPES:
+        _fail("SOLVER.AMP.DTYPE", cfg.SOLVER.AMP.DTYPE, f"choose one of {AMP_DTYPES}")
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
         _fail("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip.CLIP_TYPE, f"choose one of {CLIP_TYPES}")

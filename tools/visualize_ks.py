@@ -86,7 +86,7 @@ def _deformable_weights(attn, x, pos, x_tilde, streams_in, ctx):
     of a :class:`DeformableTripleAttention`."""
     q = x + pos
     student = (attn.weights(q, attn.attention_weights),)
-    teacher = (attn.weights(x_tilde + pos, attn.attention_weights_teacher),)
+    teacher = (attn.weights(x_tilde + pos, attn.attention_weights_teacher) if "a" in attn.streams else None,)
     (weights,) = stack_streams(attn.streams, streams_in, student, teacher, attn.TEACHER_PARTS)
     loc = attn.locations(q, ctx.reference_points, ctx)
     return weights, loc.repeat(len(attn.streams) // streams_in, *[1] * (loc.dim() - 1))

@@ -79,8 +79,12 @@ class DenoisingQueries(nn.Module):
             tgt (S*B, P+Q, C), anchors (S*B, P+Q, 4), the (P+Q, P+Q) self-attention mask or None,
             and the dn metadata ``dict(groups, group_size)`` or None.
         """
-        if targets is None or self.groups == 0 or not any(len(t["labels"]) for t in targets):
+        if targets is None or self.groups == 0:
             return tgt, anchors, None, None
+        if not any(len(t["labels"]) for t in targets):
+            # No box in this batch: no denoising queries, but the label embedding still takes part
+            # (with a zero gradient), as DDP needs every trainable parameter in every step.
+            return tgt + 0.0 * self.label_embed.weight.sum(), anchors, None, None
         labels, boxes, g = noised_queries(targets, self.groups, self.label_noise, self.box_noise, self.num_classes)
         dn_tgt = self.content(labels, 1.0).masked_fill((labels == self.num_classes)[..., None], 0.0)
         streams = tgt.shape[0] // len(targets)

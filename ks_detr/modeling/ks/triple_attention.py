@@ -20,12 +20,13 @@ def stack_streams(kinds, streams_in, student, teacher, teacher_parts):
     Args:
         kinds: stream kinds ("s", "a", "v"); streams_in: 1 or len(kinds) incoming streams.
         student, teacher: tuples of (S_in*B, ...) tensors (e.g. q, k, v), part by part.
-        teacher_parts: kind -> indices of the parts this stream takes from the teacher.
+        teacher_parts: kind -> indices of the parts this stream takes from the teacher (a teacher
+            part that no stream takes may be None).
     Returns:
         tuple of (S*B, ...) tensors, streams in ``kinds`` order.
     """
     s = [t.chunk(streams_in) for t in student]
-    t = [t.chunk(streams_in) for t in teacher]
+    t = [None if x is None else x.chunk(streams_in) for x in teacher]
     out = [[] for _ in student]
     for i, kind in enumerate(kinds):
         j = i if streams_in == len(kinds) else 0
@@ -99,20 +100,27 @@ class KSEncoderLayer(TransformerEncoderLayer):
 class DeformableTripleAttention(MSDeformAttn):
     """Deformable triple attention: the teachers add only their own attention-weight projection
     (from x~ + p) and value projection (from x~); sampling locations (from x + p) and
-    ``output_proj`` are the student's. Streams: A V, A' V, A V' as in :class:`TripleAttention`."""
+    ``output_proj`` are the student's. Streams: A V, A' V, A V' as in :class:`TripleAttention`.
+    The ablation modes build only the projection they use (``share_v``: weights, ``share_a``:
+    values), so every parameter gets a gradient (no unused parameters under DDP)."""
 
     TEACHER_PARTS = {"s": (), "a": (0,), "v": (1,)}  # (weights, values) taken from the teacher
 
     def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, mode="triple"):
         super().__init__(d_model, n_levels, n_heads, n_points)
         self.streams = STREAMS[mode]
-        self.attention_weights_teacher = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj_teacher = nn.Linear(d_model, d_model)
+        if "a" in self.streams:
+            self.attention_weights_teacher = nn.Linear(d_model, n_heads * n_levels * n_points)
+        if "v" in self.streams:
+            self.value_proj_teacher = nn.Linear(d_model, d_model)
         self.reset_teacher()
 
     def reset_teacher(self):
         """As the official code ends up: xavier weights, zero biases."""
-        for lin in (self.attention_weights_teacher, self.value_proj_teacher):
+        for name in ("attention_weights_teacher", "value_proj_teacher"):
+            lin = getattr(self, name, None)
+            if lin is None:
+                continue
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
 
@@ -123,8 +131,8 @@ class DeformableTripleAttention(MSDeformAttn):
         q = x + pos
         loc = self.locations(q, ctx.reference_points, ctx)
         student = (self.weights(q, self.attention_weights), self.values(x, mask, self.value_proj))
-        teacher = (self.weights(x_tilde + pos, self.attention_weights_teacher),
-                   self.values(x_tilde, mask, self.value_proj_teacher))
+        teacher = (self.weights(x_tilde + pos, self.attention_weights_teacher) if "a" in self.streams else None,
+                   self.values(x_tilde, mask, self.value_proj_teacher) if "v" in self.streams else None)
         weights, values = stack_streams(self.streams, streams_in, student, teacher, self.TEACHER_PARTS)
         loc = loc.repeat(S // streams_in, *[1] * (loc.dim() - 1))
         return self.output_proj(deformable_sample(values, ctx.shapes, loc, weights))

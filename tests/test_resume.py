@@ -1,0 +1,179 @@
+"""Exact resume: a run killed (SIGKILL, at any point, also during a checkpoint write) and resumed
+with ``--resume`` ends with the same weights, bit for bit, as the run that was never interrupted;
+SIGTERM saves a checkpoint and exits; the data stream and augmentation depend only on (seed,
+iteration)."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from ks_detr.checkpoint import AtomicCheckpointer
+from ks_detr.data.sampler import ResumableBatchSampler
+
+# The quickstart model (DN-Deformable, two-stage, KS, MobileNet) at 256 px: dropout, denoising noise,
+# multi-scale resize, flip and crop all draw random numbers in every step.
+RUN = [
+    "--config-file", "configs/quickstart/ks_trees.yaml", "MODEL.MOBILENET_V2.PRETRAINED", "False",
+    "MODEL.DETR.NUM_QUERIES", "30", "MODEL.DETR.NUM_TOPK_TEST", "30", "MODEL.DETR.DIM_FEEDFORWARD", "128",
+    "MODEL.DETR.HIDDEN_DIM", "64", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "1",
+    "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "(4,)", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
+    "INPUT.MIN_SIZE_TRAIN", "(192, 224, 256)", "INPUT.MAX_SIZE_TRAIN", "256", "INPUT.CROP.ENABLED", "True",
+    "INPUT.CROP.TYPE", "relative_range", "INPUT.CROP.SIZE", "[0.6, 0.6]", "INPUT.CROP.PRE_RESIZE_SIZES", "[200, 240]", "DATALOADER.NUM_WORKERS", "1",
+    "SEED", "7",
+]
+
+
+def command(out, max_iter, *flags):
+    return [sys.executable, os.path.join(REPO, "train_net.py"), *flags, *RUN, "SOLVER.MAX_ITER", str(max_iter),
+            "OUTPUT_DIR", str(out)]
+
+
+def train(out, max_iter, *flags):
+    r = subprocess.run(command(out, max_iter, *flags), cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different
+
+
+def kill_after(out, max_iter, checkpoint, delay):
+    """Start the run, SIGKILL it ``delay`` seconds after ``model_<checkpoint>.pth`` appears."""
+    proc = subprocess.Popen(command(out, max_iter), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = os.path.join(out, f"model_{checkpoint:07d}.pth")
+    while not os.path.exists(target):
+        assert proc.poll() is None, "the run ended before it was killed"
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(out, 6)
+    return weights(out / "model_final.pth")
+
+
+def test_kill_and_resume_gives_identical_weights(tmp_path, uninterrupted):
+    """SIGKILL at a random moment after the second checkpoint (the next step or the next checkpoint
+    write), then --resume: the same final weights as the uninterrupted run, bit for bit."""
+    out = tmp_path / "killed"
+    kill_after(out, 6, 1, random.Random(os.getpid()).uniform(0.0, 1.5))
+    assert not os.path.exists(out / "model_final.pth")
+    log = train(out, 6, "--resume")
+    start = int(log.split("Starting training from iteration ")[1].split()[0])
+    assert 2 <= start <= 5
+    assert_identical(weights(out / "model_final.pth"), uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint,delay", [(0, 0.0), (2, 0.3), (3, 0.8), (4, 0.05)])
+def test_kill_at_several_points(tmp_path, uninterrupted, checkpoint, delay):
+    out = tmp_path / "killed"
+    kill_after(out, 6, checkpoint, delay)
+    train(out, 6, "--resume")
+    assert_identical(weights(out / "model_final.pth"), uninterrupted)
+
+
+def test_sigterm_saves_and_resume_is_exact(tmp_path, uninterrupted):
+    """SIGTERM (Slurm's preemption notice): the step finishes, a checkpoint is saved, exit 143;
+    --resume then ends exactly where the uninterrupted run does."""
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(command(out, 6), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not os.path.exists(out / "model_0000001.pth"):
+        assert proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate()
+    assert proc.returncode == 143, log[-3000:]
+    assert "Preempted at iteration" in log
+    saved = int(log.split("Preempted at iteration ")[1].split(":")[0])
+    with open(out / "last_checkpoint") as f:
+        assert f.read() == f"model_{saved:07d}.pth"
+    log = train(out, 6, "--resume")
+    assert f"Starting training from iteration {saved + 1}" in log
+    assert_identical(weights(out / "model_final.pth"), uninterrupted)
+
+
+KILL_IN_SAVE = """
+import os, signal, sys, torch
+from torch import nn
+from ks_detr.checkpoint import AtomicCheckpointer
+ckpt = AtomicCheckpointer(nn.Linear(1000, 1000), sys.argv[1])
+ckpt.save("model_0000001")
+def dying_write(obj, f):
+    f.write(b"partial" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dying_write
+ckpt.save("model_0000002")
+"""
+
+
+def test_kill_during_checkpoint_write_leaves_previous_checkpoint(tmp_path):
+    """A process killed in the middle of writing model_0000002.pth leaves no file of that name, and
+    last_checkpoint still names the intact model_0000001.pth."""
+    r = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, str(tmp_path)], cwd=REPO)
+    assert r.returncode == -signal.SIGKILL
+    assert not os.path.exists(tmp_path / "model_0000002.pth")
+    with open(tmp_path / "last_checkpoint") as f:
+        assert f.read() == "model_0000001.pth"
+    ckpt = AtomicCheckpointer(torch.nn.Linear(1000, 1000), str(tmp_path))
+    assert ckpt.get_checkpoint_file() == str(tmp_path / "model_0000001.pth")
+    assert weights(tmp_path / "model_0000001.pth")["weight"].shape == (1000, 1000)
+
+
+def test_batch_stream_skips_consumed_batches():
+    """Batch i of the stream is the same whether the stream starts at 0 or at i (no data is read to
+    skip), per rank; two ranks split every epoch's permutation without overlap; aspect groups are
+    never mixed in a batch; another seed gives another order."""
+    groups = np.array([i % 3 == 0 for i in range(50)], dtype=np.uint8)
+
+    def batches(start, rank=0, world=1, seed=5, n=40):
+        s = ResumableBatchSampler(50, 3, groups, None, rank=rank, world_size=world)
+        s.set_start(seed, start)
+        it = iter(s)
+        return [next(it) for _ in range(n)]
+
+    full = batches(0)
+    assert batches(17, n=23) == full[17:]
+    for b in full:
+        assert len({int(groups[i]) for i, _ in b}) == 1
+    assert len({seed for b in full for _, seed in b}) == 3 * 40  # one augmentation seed per sample
+    assert [i for i, _ in batches(0, seed=6)[0]] != [i for i, _ in full[0]]
+    # two ranks: each epoch's 50 positions split by parity; no grouping, so batches are in order
+    per_rank = []
+    for rank in (0, 1):
+        s = ResumableBatchSampler(50, 5, None, None, rank=rank, world_size=2)
+        s.set_start(5, 0)
+        it = iter(s)
+        per_rank.append([i for _ in range(5) for i, _ in next(it)])
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(50))
+
+
+def test_repeat_factors_repeat_rare_records():
+    """RepeatFactorTrainingSampler semantics: a record with factor 3 appears 3x per epoch, factor
+    1.5 on average 1.5x."""
+    factors = [1.0] * 8 + [3.0, 1.5]
+    s = ResumableBatchSampler(10, 1, None, factors, rank=0, world_size=1)
+    s.set_start(0, 0)
+    counts = np.zeros(10)
+    for epoch in range(200):
+        counts += np.bincount(s._epoch(epoch), minlength=10)
+    assert (counts[:8] == 200).all() and counts[8] == 600
+    assert 270 < counts[9] < 330
