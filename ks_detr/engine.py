@@ -12,6 +12,7 @@
 - Preemption: SIGTERM / SIGUSR1 / SIGUSR2 save a checkpoint after the current step on every
   process, hand the signal to the handler installed before (submitit's requeue), and exit.
 """
+import inspect
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from .data.sampler import build_resumable_train_loader, mix_seed
 from .solver import build_optimizer
 
 logger = logging.getLogger(__name__)
+_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a process killed by SIGTERM reports
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
@@ -44,12 +46,15 @@ def amp_dtype(cfg):
 
 def create_ddp_model(model):
     """``model`` wrapped for data parallelism when there are several processes: on its GPU, or on
-    CPU (gloo) without device ids. Buffers are not broadcast (FrozenBN statistics are constant)."""
+    CPU (gloo) without device ids. Buffers are not synchronised in every forward (FrozenBN
+    statistics and pixel mean/std are constant)."""
     if comm.get_world_size() == 1:
         return model
     device = next(model.parameters()).device
     ids = [device.index if device.index is not None else comm.get_local_rank()] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # torch >= 2.14 renamed the switch (and deprecates the old name)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_ARGS else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=ids, **{no_sync: False})
 
 
 class MixedPrecisionTrainer(SimpleTrainer):
@@ -117,11 +122,12 @@ class StepSeed(HookBase):
 
 class Preemption(HookBase):
     """On SIGTERM / SIGUSR1 / SIGUSR2 (Slurm's preemption and time-limit signals): finish the step,
-    save ``model_<iter>.pth`` (all processes agree on the step), call the handler that was installed
-    before ours (e.g. submitit's checkpoint-and-requeue), then exit with status 143."""
+    save ``model_<iter>.pth`` (all processes agree on the step), call the handlers that were installed
+    before ours for the signals received (e.g. submitit's checkpoint-and-requeue), then exit with
+    status 143."""
 
     def before_train(self):
-        self.received = None
+        self.received = []
         self._previous = {}
         if threading.current_thread() is not threading.main_thread():
             return
@@ -130,12 +136,12 @@ class Preemption(HookBase):
             self._previous[sig] = signal.signal(sig, self._note)
 
     def _note(self, signum, frame):
-        if self.received is None:
-            self.received = signum
+        if signum not in self.received:
+            self.received.append(signum)
             logger.warning(f"Received {signal.Signals(signum).name}: saving a checkpoint after this step")
 
     def after_step(self):
-        flag = torch.tensor([0 if self.received is None else int(self.received)], device=_comm_device())
+        flag = torch.tensor([len(self.received)], device=_comm_device())
         if comm.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if not flag.item():
@@ -145,10 +151,11 @@ class Preemption(HookBase):
         comm.synchronize()
         logger.warning(f"Preempted at iteration {self.trainer.iter}: saved {name}.pth in "
                        f"{self.trainer.cfg.OUTPUT_DIR}; continue with --resume")
-        previous = self._previous.get(self.received or int(flag.item()))
+        previous = [(sig, self._previous.get(sig)) for sig in self.received]
         self.after_train()
-        if callable(previous):
-            previous(int(flag.item()), None)
+        for sig, handler in previous:  # e.g. submitit: SIGTERM is logged, SIGUSR2 requeues and exits
+            if callable(handler):
+                handler(sig, None)
         raise SystemExit(PREEMPTED_EXIT_CODE)
 
     def after_train(self):
