@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Train / evaluate ks-detr models with detectron2's DefaultTrainer.
+"""Train / evaluate ks-detr models with detectron2's DefaultTrainer (``ks_detr.engine.Trainer``: DDP on
+GPU or CPU, mixed precision, exact resume, preemption checkpoints).
 
     python train_net.py --config-file configs/ks_conditional_detr_r50.yaml --num-gpus 8
     python train_net.py --config-file configs/conditional_detr_r50.yaml --eval-only MODEL.WEIGHTS model.pth
     python train_net.py --config-file ... MODEL.DEVICE cpu SOLVER.IMS_PER_BATCH 2   # on CPU
+    python train_net.py --num-gpus 2 --config-file ... MODEL.DEVICE cpu              # 2 CPU processes (gloo)
+    python train_net.py --resume --config-file ... SOLVER.AMP.ENABLED True           # continue, bf16/fp16 autocast
     python train_net.py --config-file ... --register-coco my_train train.json images/ \
         --register-coco my_val val.json images/ DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_val",)'
 """

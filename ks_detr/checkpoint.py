@@ -1,6 +1,9 @@
 """Checkpoint helpers: atomic checkpoint files; strip the training-only KS parameters to get the
 plain student."""
+import glob
+import logging
 import os
+import zipfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -39,6 +42,32 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename):
         path = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
+
+    def get_checkpoint_file(self):
+        """The checkpoint ``--resume`` continues from: the one ``last_checkpoint`` names if it is
+        intact, else (with a warning naming it) the newest intact ``model_*.pth`` of the directory."""
+        named = super().get_checkpoint_file()
+        others = sorted(glob.glob(os.path.join(self.save_dir, "model_*.pth")), key=os.path.getmtime, reverse=True)
+        for path in [named] + [p for p in others if p != named]:
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            logging.getLogger(__name__).warning(f"--resume: skipping {path} ({problem})")
+        raise FileNotFoundError(f"--resume: no readable checkpoint in {self.save_dir} (see the warnings above); "
+                                "remove the directory's last_checkpoint file to start from MODEL.WEIGHTS")
+
+
+def checkpoint_problem(path):
+    """None if ``path`` is a complete torch zip checkpoint, else what is wrong with it (missing,
+    truncated, corrupt): every member's CRC is checked, nothing is unpickled."""
+    if not path or not os.path.isfile(path):
+        return "missing"
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"not a complete checkpoint: {e}"
+    return None if bad is None else f"corrupt member {bad}"
 
 def is_teacher_only(key):
     """True for a state-dict key that the student (= the baseline detector) does not have: the

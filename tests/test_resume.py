@@ -177,3 +177,22 @@ def test_repeat_factors_repeat_rare_records():
         counts += np.bincount(s._epoch(epoch), minlength=10)
     assert (counts[:8] == 200).all() and counts[8] == 600
     assert 270 < counts[9] < 330
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint(tmp_path, caplog):
+    """A truncated newest checkpoint (e.g. copied or written by other tools) is skipped with a warning
+    naming it; --resume continues from the newest intact one."""
+    model = torch.nn.Linear(10, 10)
+    ckpt = AtomicCheckpointer(model, str(tmp_path))
+    ckpt.save("model_0000001")
+    time.sleep(0.05)
+    ckpt.save("model_0000002")
+    with open(tmp_path / "model_0000002.pth", "r+b") as f:
+        f.truncate(os.path.getsize(tmp_path / "model_0000002.pth") // 2)
+    with caplog.at_level("WARNING"):
+        assert ckpt.get_checkpoint_file() == str(tmp_path / "model_0000001.pth")
+    assert "skipping " + str(tmp_path / "model_0000002.pth") in caplog.text
+    with open(tmp_path / "model_0000001.pth", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(FileNotFoundError, match="no readable checkpoint"):
+        ckpt.get_checkpoint_file()
