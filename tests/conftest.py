@@ -1,5 +1,8 @@
-"""Shared helpers: configs for small CPU models and hand-made detectron2 inputs."""
+"""Shared helpers: configs for small CPU models, hand-made detectron2 inputs, train_net.py runs."""
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def make_cfg(config="configs/ks_conditional_detr_r50.yaml", *opts):
     """Config from a shipped YAML, random init, CPU, plus ``KEY VALUE`` overrides."""
     return load_config(os.path.join(REPO, config), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+
+
+def train_net(*args):
+    """Run ``train_net.py args`` in the repository; assert it succeeded; return stdout + stderr."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train_net.py"), *args], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def coco_ap(log):
+    """The bbox AP row of the final COCO table ("copypaste: AP,AP50,..." then the numbers)."""
+    rows = re.findall(r"copypaste: ([-\d.,nan]+)\s*$", log, re.M)
+    assert rows, log[-2000:]
+    return [float(x) for x in rows[-1].split(",")]
 
 
 def tame_random_backbone(model, gain=0.1):

@@ -3,10 +3,7 @@
 ``--num-gpus 2`` on CPU (gloo) trains and evaluates like one process."""
 import json
 import os
-import re
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
-from conftest import REPO, make_cfg, tame_random_backbone, toy_inputs
+from conftest import coco_ap, make_cfg, tame_random_backbone, toy_inputs, train_net
 from ks_detr import build_optimizer
 from ks_detr.engine import create_ddp_model
 
@@ -160,17 +157,6 @@ SMALL_RUN = [
 ] + TINY
 
 
-def train_net(*args):
-    r = subprocess.run([sys.executable, os.path.join(REPO, "train_net.py"), *args], cwd=REPO,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout + r.stderr
-
-
-def copypaste(log):
-    return re.findall(r"copypaste: ([-\d.,nan]+)\s*$", log, re.M)[-1]
-
-
 def test_quickstart_trains_on_two_cpu_processes_and_evaluates_like_one(tmp_path):
     """train_net.py --num-gpus 2 on CPU: 2 gloo processes train the quickstart KS config (each
     process gets half of the batch); evaluation of the result with 2 processes gives the same COCO
@@ -187,7 +173,7 @@ def test_quickstart_trains_on_two_cpu_processes_and_evaluates_like_one(tmp_path)
                         "OUTPUT_DIR", str(out))
         with open(out / "inference" / "coco_instances_results.json") as f:
             preds = sorted(json.load(f), key=lambda p: (p["image_id"], -p["score"], p["bbox"]))
-        results[n] = copypaste(log), preds
+        results[n] = coco_ap(log), preds
     assert results[1][0] == results[2][0]
     assert len(results[1][1]) == len(results[2][1]) > 0
     for a, b in zip(results[1][1], results[2][1]):

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, coco_ap
+from conftest import train_net as run
 from ks_detr.data.datasets import datasets_root
 
 SMALL_RUN = [
@@ -18,20 +19,6 @@ SMALL_RUN = [
     "INPUT.MIN_SIZE_TRAIN", "(224,)", "INPUT.MAX_SIZE_TRAIN", "224", "INPUT.CROP.ENABLED", "False",
     "INPUT.MIN_SIZE_TEST", "224", "INPUT.MAX_SIZE_TEST", "224", "DATALOADER.NUM_WORKERS", "0",
 ]
-
-
-def run(*args):
-    r = subprocess.run([sys.executable, os.path.join(REPO, "train_net.py"), *args], cwd=REPO,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout + r.stderr
-
-
-def coco_ap(log):
-    """The bbox AP row of the final COCO table ("copypaste: AP,AP50,..." then the numbers)."""
-    rows = re.findall(r"copypaste: ([-\d.,nan]+)\s*$", log, re.M)
-    assert rows, log[-2000:]
-    return [float(x) for x in rows[-1].split(",")]
 
 
 def iterations(out):
