@@ -8,7 +8,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .detr import DETRBase
-from .transformer import MLP, Dropout, HeadsAttention, build_activation, inverse_sigmoid, sine_embed_points
+from .transformer import MLP, Dropout, HeadsAttention, build_activation, inverse_sigmoid, sine_embed_points, upcast
 
 
 class ConditionalDecoderLayer(nn.Module):
@@ -80,7 +80,7 @@ class ConditionalDecoder(nn.Module):
 
         Returns hs (L, B, Q, C) after the final norm and reference points (B, Q, 2) in [0, 1].
         """
-        reference = self.ref_point_head(query_pos).sigmoid()
+        reference = upcast(self.ref_point_head(query_pos)).sigmoid()
         sine = sine_embed_points(reference, memory.shape[-1] // 2)
         tgt = torch.zeros_like(query_pos)
         hs = []
@@ -103,7 +103,7 @@ class ConditionalDETR(DETRBase):
     def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
         query_pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)
         hs, reference = self.decoder(memory, memory_mask, pos, query_pos)
-        boxes = self.bbox_embed(hs)
+        boxes = upcast(self.bbox_embed(hs))  # reference + delta and the sigmoid in float32
         boxes = torch.cat([boxes[..., :2] + inverse_sigmoid(reference), boxes[..., 2:]], -1).sigmoid()
         return hs, boxes, {}
 

@@ -4,6 +4,8 @@ from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
+from .transformer import upcast
+
 
 class SetCriterion(nn.Module):
     """Weighted DETR losses over a list of decoder outputs, each matched on its own.
@@ -30,7 +32,9 @@ class SetCriterion(nn.Module):
 
     def losses(self, pred_logits, pred_boxes, targets, indices, num_boxes):
         """Unweighted loss_class / loss_bbox / loss_giou of one output for given (query, target)
-        index pairs per image; every unassigned query is a negative for every class."""
+        index pairs per image; every unassigned query is a negative for every class. 16-bit
+        predictions (a mixed-precision forward) are scored in float32."""
+        pred_logits, pred_boxes = upcast(pred_logits), upcast(pred_boxes)
         batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
         query_idx = torch.cat([q for q, _ in indices])
         onehot = torch.zeros_like(pred_logits)

@@ -22,6 +22,7 @@ from .transformer import (
     inverse_sigmoid,
     sine_embed_points,
     sine_position_embedding,
+    upcast,
 )
 
 
@@ -133,9 +134,9 @@ class DeformableDETR(DETRBase):
         query_pos, tgt = self.query_embed.weight.split(self.hidden_dim, 1)
         rows = memory.shape[0]
         query_pos, tgt = query_pos[None].expand(rows, -1, -1), tgt[None].expand(rows, -1, -1)
-        reference = self.reference_points(query_pos).sigmoid()
+        reference = upcast(self.reference_points(query_pos)).sigmoid()
         hs = self.decoder(tgt, query_pos, reference, memory, memory_mask, ctx)
-        boxes = self.bbox_embed(hs)
+        boxes = upcast(self.bbox_embed(hs))  # reference + delta and the sigmoid in float32
         boxes = torch.cat([boxes[..., :2] + inverse_sigmoid(reference), boxes[..., 2:]], -1).sigmoid()
         return hs, boxes, {}
 

@@ -22,6 +22,7 @@ from .transformer import (
     TransformerEncoder,
     TransformerEncoderLayer,
     sine_position_embedding,
+    upcast,
 )
 
 
@@ -248,8 +249,10 @@ class DETRBase(nn.Module):
     def inference(self, logits, boxes, image_sizes, batched_inputs):
         """Top-k over queries x classes per image, boxes rescaled to the requested output size.
 
-        logits: (B, Q, K), boxes: (B, Q, 4) normalised cxcywh.
+        logits: (B, Q, K), boxes: (B, Q, 4) normalised cxcywh; 16-bit ones (autocast) give float32
+        scores and boxes.
         """
+        logits, boxes = upcast(logits), upcast(boxes)
         B, Q, K = logits.shape
         k = min(self.num_topk, Q * K)
         scores, idx = logits.sigmoid().flatten(1).topk(k, dim=1)

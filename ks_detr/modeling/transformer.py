@@ -16,9 +16,16 @@ def build_activation(name):
     return {"relu": nn.ReLU, "prelu": nn.PReLU, "gelu": nn.GELU}[name]()
 
 
+def upcast(x):
+    """A floating tensor in at least float32: 16-bit floats (autocast outputs) become float32,
+    float32 and float64 tensors are returned as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def inverse_sigmoid(x, eps=1e-5):
-    """Numerically safe logit of ``x`` in [0, 1]."""
-    x = x.clamp(0, 1)
+    """Numerically safe logit of ``x`` in [0, 1], in at least float32 (``1 - x`` and the ``eps``
+    clamp are too coarse in 16-bit floats)."""
+    x = upcast(x).clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
@@ -67,8 +74,9 @@ def sine_embed_points(points, num_feats, temperature=10000, scale=2 * math.pi):
     Args:
         points: (..., D) in [0, 1], coordinates ordered (x, y[, w, h]).
     Returns:
-        (..., D * num_feats), ordered (y, x[, w, h]) as in the official code.
+        (..., D * num_feats) in at least float32, ordered (y, x[, w, h]) as in the official code.
     """
+    points = upcast(points)  # before the 2*pi scale: a bfloat16 angle near 2*pi is off by up to 0.016
     order = [1, 0] + list(range(2, points.shape[-1]))
     return torch.cat([_sine(points[..., i] * scale, num_feats, temperature) for i in order], -1)
 
