@@ -141,6 +141,7 @@ class Preemption(HookBase):
             logger.warning(f"Received {signal.Signals(signum).name}: saving a checkpoint after this step")
 
     def after_step(self):
+        # one scalar all_reduce per step (multi-process only), so every rank stops at the same step
         flag = torch.tensor([len(self.received)], device=_comm_device())
         if comm.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -177,6 +178,8 @@ class Trainer(DefaultTrainer):
     clock and preemption checkpoints."""
 
     def __init__(self, cfg):
+        # DefaultTrainer.__init__ hard-wires create_ddp_model (GPU ids only), AMPTrainer (CUDA only) and a
+        # non-atomic checkpointer; this is its sequence with ours in their place.
         TrainerBase.__init__(self)
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
