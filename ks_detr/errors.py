@@ -1,0 +1,49 @@
+"""Errors caused by what the user gave us (config, dataset, checkpoint, input files), and how the
+command-line tools report them: one line, last, naming the file/record/key, the value and the fix.
+
+``train_net.py``, ``demo/demo.py`` and ``tools/*.py`` run their work inside
+:func:`report_user_errors`: a :class:`UserError` prints ``error: <message>`` as the last line on
+stderr and exits with status 2; its traceback goes to the log (``OUTPUT_DIR/log.txt`` once the
+logger is set up) or, with ``--debug``, to the terminal. Anything else is a bug of ours and keeps its
+full traceback.
+"""
+import contextlib
+import logging
+import sys
+import traceback
+
+USER_ERROR_EXIT_CODE = 2
+
+
+class UserError(Exception):
+    """Bad user input; the message says what is wrong, where, and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """Invalid config key or value."""
+
+
+class DatasetError(UserError, ValueError):
+    """Invalid dataset file or record."""
+
+
+class CheckpointError(UserError, ValueError):
+    """Unreadable or mismatching checkpoint file."""
+
+
+class InputError(UserError, ValueError):
+    """Unusable input file of a tool (e.g. an image given to the demo)."""
+
+
+@contextlib.contextmanager
+def report_user_errors(debug=False):
+    """Turn a :class:`UserError` raised inside the block into ``error: <message>`` + exit 2."""
+    try:
+        yield
+    except UserError as e:
+        logging.getLogger("ks_detr").debug("user error", exc_info=True)
+        if debug:
+            traceback.print_exc()
+        sys.stderr.flush()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT_CODE)
