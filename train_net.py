@@ -25,6 +25,7 @@ from torch.multiprocessing import ProcessExitedException
 from ks_detr import load_config
 from ks_detr.data import check_num_classes, register_checked_coco
 from ks_detr.engine import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, Trainer
+from ks_detr.errors import USER_ERROR_EXIT_CODE, report_user_errors
 
 
 def setup(args):
@@ -35,10 +36,24 @@ def setup(args):
     return cfg
 
 
+def register_datasets(cfg, args):
+    """``--register-coco`` datasets, checked once per machine (the other local processes read the cache)."""
+    for first in (True, False):
+        if (comm.get_local_rank() == 0) == first:
+            for name, json_file, image_root in args.register_coco or []:
+                register_checked_coco(name, json_file, image_root, args.skip_bad_records, cfg.OUTPUT_DIR)
+        if comm.get_world_size() > 1:
+            comm.synchronize()
+
+
 def main(args):
+    with report_user_errors(args.debug):
+        return run(args)
+
+
+def run(args):
     cfg = setup(args)
-    for name, json_file, image_root in args.register_coco or []:
-        register_checked_coco(name, json_file, image_root, args.skip_bad_records, cfg.OUTPUT_DIR)
+    register_datasets(cfg, args)
     check_num_classes(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -69,6 +84,9 @@ def get_parser():
     parser.add_argument("--skip-bad-records", action="store_true",
                         help="with --register-coco: leave out unreadable/missing images, size mismatches and "
                              "annotations with unknown category or image ids (counted in the log) instead of stopping")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error (bad data, config, checkpoint) on the terminal; "
+                             "without it the error is one line and the traceback goes to OUTPUT_DIR/log.txt")
     return parser
 
 
@@ -80,5 +98,5 @@ if __name__ == "__main__":
     try:
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
-    except ProcessExitedException as e:  # a worker was preempted (or failed): its exit status is ours
-        sys.exit(e.exit_code if e.exit_code == PREEMPTED_EXIT_CODE else 1)
+    except ProcessExitedException as e:  # a worker was preempted, stopped on a user error or failed
+        sys.exit(e.exit_code if e.exit_code in (PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE) else 1)

@@ -1,6 +1,11 @@
 """Config keys of ks-detr: ``add_ks_detr_config(cfg)`` and ``check_ks_detr_config(cfg)``."""
+import os
+
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+
+from .errors import ConfigError
 
 KS_MODES = ("triple", "share_v", "share_a")
 MASK_SAMPLINGS = ("bilinear", "area")
@@ -56,6 +61,10 @@ def add_ks_detr_config(cfg):
     _K.MASK.PAD_PIXELS = 0  # grow every GT box by this many input pixels per side
     _K.MASK.SAMPLING = "bilinear"  # bilinear (official, align_corners) | area (any overlap)
 
+    # load MODEL.WEIGHTS even if it fills fewer than half of the model's tensors (ks_detr.checkpoint.MIN_MATCH;
+    # backbone-only files and KS <-> baseline checkpoints load without it)
+    cfg.MODEL.WEIGHTS_ALLOW_PARTIAL = False
+
     cfg.MODEL.MOBILENET_V2 = CN()  # MODEL.BACKBONE.NAME: "build_mobilenet_v2_backbone"
     cfg.MODEL.MOBILENET_V2.OUT_FEATURES = ["res5"]  # stages to output: stem, res2..res5 (strides 2..32)
     cfg.MODEL.MOBILENET_V2.PRETRAINED = True  # torchvision ImageNet weights (requirements-weights.txt)
@@ -71,7 +80,7 @@ def add_ks_detr_config(cfg):
 
 
 def _fail(key, value, why):
-    raise ValueError(f"Invalid config {key}={value!r}: {why}")
+    raise ConfigError(f"Invalid config {key}={value!r}: {why}")
 
 
 def check_ks_detr_config(cfg):
@@ -146,7 +155,15 @@ def load_config(config_file, opts=()):
     """detectron2 config with our keys, ``config_file`` and ``KEY VALUE`` overrides merged and checked."""
     cfg = get_cfg()
     add_ks_detr_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"config file {config_file} does not exist (the shipped ones are under configs/)")
+    try:
+        cfg.merge_from_file(config_file)
+    except (KeyError, ValueError, AssertionError, yaml.YAMLError) as e:  # yacs: unknown key, type mismatch
+        raise ConfigError(f"{config_file}: {str(e).strip(chr(39))}") from e
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError, SyntaxError) as e:
+        raise ConfigError(f"command-line override {' '.join(map(str, opts))!r}: {str(e).strip(chr(39))}") from e
     check_ks_detr_config(cfg)
     return cfg

@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from detectron2.structures import Boxes, Instances
 from ks_detr import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the image check cache of --register-coco (ks_detr/data/custom.py) stays out of the user's home
+os.environ["KS_DETR_CACHE"] = tempfile.mkdtemp(prefix="ks_detr_test_cache_")
 
 
 def make_cfg(config="configs/ks_conditional_detr_r50.yaml", *opts):

@@ -1,6 +1,9 @@
-"""The user's own COCO json: checks before training, clear messages, --register-coco end to end."""
+"""The user's own COCO json: one validation pass before training, one-line messages naming the file,
+record, field and value, exact counts, --register-coco end to end."""
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -10,33 +13,47 @@ from PIL import Image
 
 from conftest import REPO, make_cfg
 from ks_detr.data import DatasetError, check_num_classes, register_checked_coco
-from ks_detr.data.custom import check_coco_json
+from ks_detr.data.custom import COUNT_KEYS, check_coco_json
 
 
-def write_dataset(root, annotations=None, categories=None, images=None):
-    os.makedirs(root / "img", exist_ok=True)
+def write_images(folder, n=2):
+    os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(root / "img" / f"{i}.jpg")
-    data = {
-        "images": images or [{"id": i, "file_name": f"{i}.jpg", "width": 80, "height": 64} for i in range(2)],
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+
+
+def coco(n_images=2, annotations=None):
+    return {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 80, "height": 64} for i in range(n_images)],
         "annotations": annotations if annotations is not None else [
             {"id": 1, "image_id": 0, "category_id": 7, "bbox": [10, 10, 20, 15], "area": 300, "iscrowd": 0},
             {"id": 2, "image_id": 0, "category_id": 7, "bbox": [70, 50, 30, 30], "area": 900, "iscrowd": 0},  # clipped
             {"id": 3, "image_id": 0, "category_id": 9, "bbox": [5, 5, 0, 10], "area": 0, "iscrowd": 0},  # empty
         ],
-        "categories": categories or [{"id": 7, "name": "cat"}, {"id": 9, "name": "dog"}],
+        "categories": [{"id": 7, "name": "cat"}, {"id": 9, "name": "dog"}],
     }
-    (root / "train.json").write_text(json.dumps(data))
+
+
+def write_dataset(root, data=None, n_images=2):
+    write_images(root / "img", n_images)
+    (root / "train.json").write_text(json.dumps(coco(n_images) if data is None else data))
     return str(root / "train.json"), str(root / "img")
+
+
+def counts_of(**nonzero):
+    return dict(dict.fromkeys(COUNT_KEYS, 0), **nonzero)
 
 
 def test_good_dataset_counts_and_registration(tmp_path):
     js, img = write_dataset(tmp_path)
-    counts = check_coco_json(js, img)
-    assert counts == {"degenerate_boxes": 1, "clipped_boxes": 1, "images_without_boxes": 1,
-                      "exif_rotated_images": 0, "high_bit_depth_images": 0, "images_with_alpha": 0}
-    register_checked_coco("custom_ok_train", js, img)
+    counts, data = check_coco_json(js, img)
+    assert counts == counts_of(empty_boxes_dropped=1, boxes_clipped=1, images_without_boxes=1)
+    assert [a["bbox"] for a in data["annotations"]] == [[10, 10, 20, 15], [70, 50, 10, 14]]
+    register_checked_coco("custom_ok_train", js, img, out_dir=str(tmp_path / "out"))
+    from detectron2.data import DatasetCatalog
+    boxes = [a["bbox"] for r in DatasetCatalog.get("custom_ok_train") for a in r["annotations"]]
+    assert boxes == [[10, 10, 20, 15], [70, 50, 10, 14]]  # the checked json, not the original
     cfg = make_cfg("configs/conditional_detr_r50.yaml", "DATASETS.TRAIN", ("custom_ok_train",),
                    "DATASETS.TEST", ("custom_ok_train",), "MODEL.DETR.NUM_CLASSES", 2)
     check_num_classes(cfg)
@@ -45,66 +62,179 @@ def test_good_dataset_counts_and_registration(tmp_path):
         check_num_classes(cfg)
 
 
-def test_unknown_category_missing_image_and_malformed_json(tmp_path):
-    js, img = write_dataset(tmp_path, annotations=[
-        {"id": 5, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0}])
-    with pytest.raises(DatasetError, match=r"train.json: annotation id 5 has category_id 3, not in categories \[7, 9\]"):
+def test_box_rules_each_counted_once(tmp_path):
+    boxes = {
+        1: [10, 10, 20, 15],  # inside
+        2: [30, 10, -5, 10],  # negative width: dropped, never trained flipped
+        3: [10, 10, 5, 0],  # zero height: dropped
+        4: [100, 10, 5, 5],  # entirely right of the image: dropped
+        5: [-10, -10, 5, 5],  # entirely above-left: dropped
+        6: [-5, 60, 20, 10],  # partly outside: clipped to [0, 60, 15, 4]
+        7: [80, 0, 10, 10],  # touches the right edge from outside: no overlap, dropped
+        8: [0, 0, 30, 20],  # image 1's only box... and it is inside
+        9: [90, 90, 5, 5],  # image 1: outside
+    }
+    anns = [{"id": k, "image_id": 0 if k < 8 else 1, "category_id": 7, "bbox": b, "iscrowd": 0}
+            for k, b in boxes.items() if k != 8]  # image 1 keeps only the outside box
+    js, img = write_dataset(tmp_path, coco(annotations=anns))
+    counts, data = check_coco_json(js, img)
+    assert counts == counts_of(empty_boxes_dropped=2, outside_boxes_dropped=4, boxes_clipped=1, areas_filled=2,
+                               images_without_boxes=1)  # image 1: its only box lies outside
+    assert {a["id"]: a["bbox"] for a in data["annotations"]} == {1: [10, 10, 20, 15], 6: [0, 60, 15, 4]}
+    assert {a["id"]: a["area"] for a in data["annotations"]} == {1: 300, 6: 60}
+
+
+BAD_JSON_CASES = {
+    # name: (mutation of the valid coco dict, regex of the whole one-line message after the file name)
+    "top level list": (lambda d: [d], r"the top level is a json list, not an object"),
+    "no images": (lambda d: d.pop("images"), r"'images' must be a list of objects .* it is missing"),
+    "categories not a list": (lambda d: d.update(categories={}), r"'categories' must be a list .* it is a dict"),
+    "category without id": (lambda d: d["categories"][0].pop("id"), r"categories\[0\] is .*integer 'id'"),
+    "duplicate category": (lambda d: d["categories"][1].update(id=7), r"category id 7 appears 2 times"),
+    "image not an object": (lambda d: d["images"].__setitem__(1, 5), r"images\[1\]: is a json int, not an object"),
+    "image without file_name": (lambda d: d["images"][1].pop("file_name"), r"image id 1: 'file_name' is None"),
+    "image without id": (lambda d: d["images"][1].pop("id"), r"images\[1\]: 'id' is None"),
+    "width string": (lambda d: d["images"][0].update(width="80"), r"image id 0 \(0.jpg\): 'width' is '80'"),
+    "height zero": (lambda d: d["images"][0].update(height=0), r"image id 0 \(0.jpg\): 'height' is 0"),
+    "duplicate image id": (lambda d: d["images"][1].update(id=0), r"image id 0 \(0.jpg\): its image id is used by 2"),
+    "duplicate file name": (lambda d: d["images"][1].update(file_name="./0.jpg"), r"its file_name is used by 2"),
+    "bbox string": (lambda d: d["annotations"][0].update(bbox="10 10 20 15"),
+                    r"annotation id 1 \(image id 0\): 'bbox' is '10 10 20 15'; it must be \[x, y, width, height\]"),
+    "bbox 3 numbers": (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotation id 1 .*'bbox' is \[1, 2, 3\]"),
+    "bbox missing": (lambda d: d["annotations"][0].pop("bbox"), r"annotation id 1 .*'bbox' is None"),
+    "bbox NaN": (lambda d: d["annotations"][0].update(bbox=[1, float("nan"), 3, 4]), r"'bbox' is \[1, nan, 3, 4\]"),
+    "bbox bool": (lambda d: d["annotations"][0].update(bbox=[1, 2, True, 4]), r"'bbox' is \[1, 2, True, 4\]"),
+    "unknown category": (lambda d: d["annotations"][0].update(category_id=4),
+                         r"annotation id 1 \(image id 0\): 'category_id' is 4, not in categories \[7, 9\]"),
+    "unknown image": (lambda d: d["annotations"][0].update(image_id=42), r"'image_id' is 42, not the id of any image"),
+    "duplicate annotation id": (lambda d: d["annotations"][1].update(id=1), r"its id is used by 2 annotations"),
+    "iscrowd 2": (lambda d: d["annotations"][0].update(iscrowd=2), r"'iscrowd' is 2; it must be 0 or 1"),
+    "negative area": (lambda d: d["annotations"][0].update(area=-1), r"'area' is -1; it must be a finite number"),
+    "annotation not an object": (lambda d: d["annotations"].append("x"), r"annotations\[3\]: is a json str"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_JSON_CASES))
+def test_bad_record_names_file_record_field_and_value(tmp_path, case):
+    mutate, message = BAD_JSON_CASES[case]
+    data = coco()
+    mutated = mutate(data)
+    data = mutated if case == "top level list" else data
+    js, img = write_dataset(tmp_path, data)
+    with pytest.raises(DatasetError) as e:
         check_coco_json(js, img)
-    os.remove(tmp_path / "img" / "1.jpg")
-    js, img = write_dataset(tmp_path / "b")
-    os.remove(tmp_path / "b" / "img" / "1.jpg")
-    with pytest.raises(DatasetError, match=r"image id 1 \(1.jpg\): cannot read"):
-        check_coco_json(js, img)
+    text = str(e.value)
+    assert "\n" not in text and text.startswith(js + ": ")
+    assert re.search(message, text), text
+
+
+def test_malformed_or_binary_json_and_missing_folder(tmp_path):
+    js, img = write_dataset(tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [\n  {"id": 1,,}]}')
     with pytest.raises(DatasetError, match=r"bad.json: malformed json at line 2, column 12"):
         check_coco_json(str(bad), img)
+    bad.write_bytes(b"\xff\xd8\xff\xe0binary")
+    with pytest.raises(DatasetError, match=r"bad.json: not a UTF-8 text file"):
+        check_coco_json(str(bad), img)
+    with pytest.raises(DatasetError, match=r"train.json: image folder .*nowhere does not exist"):
+        check_coco_json(js, str(tmp_path / "nowhere"))
+
+
+def test_images_are_fully_decoded_once_and_cached(tmp_path, caplog):
+    js, img = write_dataset(tmp_path, n_images=3)
+    data = open(os.path.join(img, "1.jpg"), "rb").read()
+    cache = str(tmp_path / "cache.json")
+    with caplog.at_level(logging.INFO, logger="ks_detr.data.custom"):
+        check_coco_json(js, img, cache_file=cache)
+        assert "decoding 3 images" in caplog.text
+        caplog.clear()
+        check_coco_json(js, img, cache_file=cache)
+        assert "decoding" not in caplog.text  # second run: nothing decoded
+        with open(os.path.join(img, "1.jpg"), "wb") as f:  # truncated: the header alone is fine
+            f.write(data[: len(data) // 2])
+        with pytest.raises(DatasetError, match=r"image id 1 \(1.jpg\): .*1.jpg: cannot decode the image \(image file "
+                                               r"is truncated"):
+            check_coco_json(js, img, cache_file=cache)
+        assert "decoding 1 images" in caplog.text  # only the changed file
+    zeroed = bytearray(data)
+    zeroed[len(data) // 2: len(data) // 2 + 200] = bytes(200)  # decodes as garbage without an error in Pillow
+    with open(os.path.join(img, "1.jpg"), "wb") as f:
+        f.write(bytes(zeroed))
+    with pytest.raises(DatasetError, match=r"1.jpg: corrupt JPEG data \(libjpeg: Corrupt JPEG data"):
+        check_coco_json(js, img, cache_file=cache)
+    os.remove(os.path.join(img, "2.jpg"))
+    counts, cleaned = check_coco_json(js, img, skip_bad=True, cache_file=cache)
+    assert [im["id"] for im in cleaned["images"]] == [0]
+    assert counts["skipped_images"] == 2
+
+
+def test_skip_bad_records_leaves_them_out_with_their_images_and_counts_them(tmp_path):
+    anns = [
+        {"id": 1, "image_id": 0, "category_id": 7, "bbox": [10, 10, 20, 15], "area": 300, "iscrowd": 0},
+        {"id": 2, "image_id": 0, "category_id": 9, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},
+        {"id": 3, "image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},  # file missing
+        {"id": 4, "image_id": 42, "category_id": 9, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},  # no image
+        {"id": 5, "image_id": 2, "category_id": 4, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},  # unknown cat
+        {"id": 6, "image_id": 2, "category_id": 9, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},  # its image goes
+        {"id": 7, "image_id": 3, "category_id": 9, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},  # duplicate id 3
+    ]
+    data = coco(5, anns)
+    data["images"][4]["id"] = 3  # two images with id 3: neither can be trusted
+    js, img = write_dataset(tmp_path, data, n_images=5)
+    os.remove(tmp_path / "img" / "1.jpg")
+    with pytest.raises(DatasetError, match=r"more problems of this file are in the log"):
+        check_coco_json(js, img)
+    counts, cleaned = check_coco_json(js, img, skip_bad=True)
+    assert counts == counts_of(skipped_images=4, skipped_annotations=2, annotations_of_skipped_images=3)
+    assert [im["id"] for im in cleaned["images"]] == [0]
+    assert [a["id"] for a in cleaned["annotations"]] == [1, 2]
+    register_checked_coco("custom_skip_train", js, img, skip_bad=True, out_dir=str(tmp_path / "out"))
+    from detectron2.data import DatasetCatalog
+    dicts = DatasetCatalog.get("custom_skip_train")
+    assert len(dicts) == 1 and [a["bbox"] for a in dicts[0]["annotations"]] == [[10, 10, 20, 15], [1, 1, 5, 5]]
+    assert (tmp_path / "out" / "custom_skip_train.checked.json").is_file()
+
+
+def run_train_net(tmp_path, js, img, *opts):
+    return subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", "configs/conditional_detr_r50.yaml",
+         "--register-coco", "mine_train", js, img, "--register-coco", "mine_val", js, img,
+         "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.DETR.NUM_CLASSES", "2",
+         "MODEL.DETR.NUM_QUERIES", "20", "DATASETS.TRAIN", '("mine_train",)',
+         "DATASETS.TEST", '("mine_val",)', "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2",
+         "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", "INPUT.CROP.ENABLED", "False",
+         "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "out"), *opts],
+        cwd=REPO, capture_output=True, text=True)
 
 
 def test_train_net_register_coco_stops_before_training_on_bad_data(tmp_path):
-    js, img = write_dataset(tmp_path, annotations=[
-        {"id": 9, "image_id": 0, "category_id": 4, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0}])
-    r = subprocess.run([sys.executable, "train_net.py", "--config-file", "configs/conditional_detr_r50.yaml",
-                        "--register-coco", "mine", js, img, "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", '("mine",)',
-                        "OUTPUT_DIR", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
-    assert r.returncode != 0
-    last = r.stderr.strip().splitlines()[-1]
-    assert "annotation id 9 has category_id 4" in last and "train.json" in last
+    data = coco()
+    data["annotations"][0]["category_id"] = 4
+    js, img = write_dataset(tmp_path, data)
+    r = run_train_net(tmp_path, js, img)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {js}: annotation id 1 (image id 0): 'category_id' is 4, not in categories [7, 9]; fix the record, "
+        "or pass --skip-bad-records to leave it out (with its image)")
+    assert "Traceback" not in r.stderr
     assert not (tmp_path / "out" / "model_final.pth").exists()
 
 
 def test_train_net_register_coco_trains(tmp_path):
     js, img = write_dataset(tmp_path)
-    r = subprocess.run([sys.executable, "train_net.py", "--config-file", "configs/conditional_detr_r50.yaml",
-                        "--register-coco", "mine_train", js, img, "--register-coco", "mine_val", js, img,
-                        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.DETR.NUM_CLASSES", "2",
-                        "MODEL.DETR.NUM_QUERIES", "20", "DATASETS.TRAIN", '("mine_train",)',
-                        "DATASETS.TEST", '("mine_val",)', "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2",
-                        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", "INPUT.CROP.ENABLED", "False",
-                        "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "out")],
-                       cwd=REPO, capture_output=True, text=True)
+    r = run_train_net(tmp_path, js, img)
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
-    assert "1 boxes with zero/negative size dropped, 1 boxes clipped to the image, 1 images without boxes" in log
+    assert ("dropped 1 boxes with zero or negative size and 0 boxes outside the image, clipped 1 boxes to the "
+            "image, filled 0 missing areas; 1 images without boxes") in log
     assert "copypaste: AP,AP50" in log
 
 
-def test_skip_bad_records_leaves_them_out_and_counts_them(tmp_path):
-    js, img = write_dataset(tmp_path, annotations=[
-        {"id": 1, "image_id": 0, "category_id": 7, "bbox": [10, 10, 20, 15], "area": 300, "iscrowd": 0},
-        {"id": 2, "image_id": 0, "category_id": 4, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},  # unknown cat
-        {"id": 3, "image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},  # image missing
-        {"id": 4, "image_id": 42, "category_id": 9, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},  # no such image
-    ])
-    os.remove(tmp_path / "img" / "1.jpg")
-    with pytest.raises(DatasetError, match=r"image id 1 \(1.jpg\): cannot read"):
-        check_coco_json(js, img)
-    counts = check_coco_json(js, img, skip_bad=True)
-    assert (counts["skipped_images"], counts["skipped_annotations"]) == (1, 2)
-    assert [im["id"] for im in counts["data"]["images"]] == [0]
-    assert [a["id"] for a in counts["data"]["annotations"]] == [1]
-    register_checked_coco("custom_skip_train", js, img, skip_bad=True, out_dir=str(tmp_path / "out"))
-    from detectron2.data import DatasetCatalog
-    dicts = DatasetCatalog.get("custom_skip_train")
-    assert len(dicts) == 1 and [a["bbox"] for a in dicts[0]["annotations"]] == [[10, 10, 20, 15]]
-    assert (tmp_path / "out" / "custom_skip_train.checked.json").is_file()
+def test_train_net_all_images_without_boxes_gets_a_sentence(tmp_path):
+    js, img = write_dataset(tmp_path, coco(annotations=[
+        {"id": 1, "image_id": 0, "category_id": 7, "bbox": [100, 10, 20, 15], "iscrowd": 0}]))  # outside: dropped
+    r = run_train_net(tmp_path, js, img)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: DATASETS.TRAIN ('mine_train',): none of its 2 images has a box"), last

@@ -76,7 +76,7 @@ def test_16bit_gray_png_is_stretched_not_saturated(tmp_path, mappers, background
         assert mask_box(image[0] == 255) == BOX
     assert out["width"] == W and out["height"] == H
     assert train(record(path))["instances"].gt_boxes.tensor.tolist() == [list(map(float, BOX))]
-    counts = check_coco_json(write_json(tmp_path, "gray16.png", W, H), str(tmp_path))
+    counts, _ = check_coco_json(write_json(tmp_path, "gray16.png", W, H), str(tmp_path))
     assert counts["high_bit_depth_images"] == 1 and counts["images_with_alpha"] == 0
 
 
@@ -179,7 +179,7 @@ def test_rgba_and_la_alpha_composited_onto_black(tmp_path, mappers):
     Image.fromarray(la, "LA").save(tmp_path / "la.png")
     image = read_image(str(tmp_path / "la.png"))
     assert (image[:, :W // 2] == 0).all() and (image[:, W // 2:] == 170).all()
-    counts = check_coco_json(write_json(tmp_path, "rgba.png", W, H), str(tmp_path))
+    counts, _ = check_coco_json(write_json(tmp_path, "rgba.png", W, H), str(tmp_path))
     assert counts["images_with_alpha"] == 1 and counts["high_bit_depth_images"] == 0
 
 
@@ -237,8 +237,8 @@ def test_exif_rotated_jpeg_square_lands_on_its_box(tmp_path, mappers, orientatio
     assert mask_box(red(image)) == BOX
     assert out["instances"].gt_boxes.tensor.tolist() == [list(map(float, BOX))]
 
-    counts = check_coco_json(write_json(tmp_path, path.name, W, H), str(tmp_path))
-    assert counts["exif_rotated_images"] == (orientation != 1) and counts["clipped_boxes"] == 0
+    counts, _ = check_coco_json(write_json(tmp_path, path.name, W, H), str(tmp_path))
+    assert counts["exif_rotated_images"] == (orientation != 1) and counts["boxes_clipped"] == 0
     if orientation >= 5:  # the json holds the stored (unrotated) size: a clear error, before training
         with pytest.raises(DatasetError, match=rf"{path.name}\): json width x height {H}x{W} is the stored pixel "
                                                rf"grid, but the EXIF orientation {orientation} displays .* as {W}x{H}"):
@@ -247,10 +247,10 @@ def test_exif_rotated_jpeg_square_lands_on_its_box(tmp_path, mappers, orientatio
 
 def test_size_mismatch_and_missing_size_are_reported(tmp_path):
     write_exif_jpeg(tmp_path / "plain.jpg", 1)
-    with pytest.raises(DatasetError, match=r"json width x height 81x48 differs from the image's 80x48$"):
+    with pytest.raises(DatasetError, match=r"json width x height 81x48 differs from the image's 80x48; fix the record"):
         check_coco_json(write_json(tmp_path, "plain.jpg", W + 1, H), str(tmp_path))
     write_exif_jpeg(tmp_path / "rot.jpg", 6)
     with pytest.raises(DatasetError, match=r"differs from the image's 80x48 after its EXIF orientation 6"):
         check_coco_json(write_json(tmp_path, "rot.jpg", W, H + 2), str(tmp_path))
-    with pytest.raises(DatasetError, match=r"needs numeric 'width' and 'height' \(got None, 48\)"):
+    with pytest.raises(DatasetError, match=r"plain.jpg\): 'width' is None; it must be the image's width in pixels"):
         check_coco_json(write_json(tmp_path, "plain.jpg", None, H), str(tmp_path))

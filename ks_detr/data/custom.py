@@ -1,160 +1,432 @@
-"""The user's own COCO-format datasets: checked up front, then registered with detectron2.
+"""The user's own COCO-format datasets: one validation pass, then registered with detectron2.
 
-``train_net.py --register-coco NAME JSON IMAGE_DIR`` calls :func:`register_checked_coco`. Bad
-data stops the run before training with a message naming the file and the record; with
-``--skip-bad-records`` such records are left out instead (counted in the log, the cleaned json written
-to OUTPUT_DIR).
+``train_net.py --register-coco NAME JSON IMAGE_DIR`` calls :func:`register_checked_coco`, which runs
+:func:`check_coco_json` once before anything trains:
+
+1. **Structure**: the json is an object with ``images``, ``annotations`` and ``categories`` lists;
+   every record is an object whose fields have the right type, length and finite values
+   (image: ``id``, ``file_name``, ``width``, ``height``; annotation: ``id``, ``image_id``,
+   ``category_id``, ``bbox`` = 4 finite numbers, optional ``area`` and ``iscrowd``; category:
+   ``id``, ``name``). Unique image ids, annotation ids, category ids and file names.
+2. **Images**: every file is decoded completely, the way training reads it
+   (:mod:`ks_detr.data.images`), in parallel processes; a JPEG that libjpeg reports as corrupt
+   (truncated, or data that decodes to garbage) counts as unreadable. Results are cached by path,
+   size and modification time (``$KS_DETR_CACHE``, default ``~/.cache/ks_detr``), so a second run
+   decodes nothing. The json's width/height must be the displayed size.
+3. **Boxes**, applied once, each with its own count in the log: zero or negative width/height ->
+   dropped; no overlap with the image -> dropped; partly outside -> clipped to the image. A missing
+   ``area`` is filled with the box area (COCO evaluation needs it).
+
+Structural problems of the file (not json, no ``categories`` list, a bad category) always stop the
+run. A problem of one record stops it too, with a one-line message naming the file, the record id,
+the field, the value and the fix; with ``--skip-bad-records`` the record is left out and counted
+instead. A left-out annotation takes its image with it (otherwise the image would train with an
+object labelled as background). Whenever the check changed anything, the cleaned json is written to
+``OUTPUT_DIR/<name>.checked.json`` and registered in place of the original, so training and
+evaluation see exactly the checked boxes.
 """
+import concurrent.futures
 import json
 import logging
+import math
 import os
+import reprlib
+import tempfile
+from collections import Counter
 
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from PIL import Image
 
-from .images import image_info
+from ..checkpoint import atomic_write
+from ..errors import DatasetError
+from .images import image_info, read_image
 
 logger = logging.getLogger(__name__)
 
+CACHE_VERSION = 1
+SKIP_HINT = "fix the record, or pass --skip-bad-records to leave it out"
+COUNT_KEYS = ("empty_boxes_dropped", "outside_boxes_dropped", "boxes_clipped", "areas_filled", "images_without_boxes",
+              "exif_rotated_images", "high_bit_depth_images", "images_with_alpha", "skipped_images",
+              "skipped_annotations", "annotations_of_skipped_images")
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
+_short = _repr.repr  # a value quoted in a message, shortened
 
-class DatasetError(ValueError):
-    """Invalid user dataset; the message names the file and the record."""
+
+def default_cache_file():
+    """``$KS_DETR_CACHE/image_check_v<N>.json`` (default directory ``~/.cache/ks_detr``)."""
+    root = os.environ.get("KS_DETR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ks_detr")
+    return os.path.join(root, f"image_check_v{CACHE_VERSION}.json")
 
 
-def check_coco_json(json_file, image_root, skip_bad=False):
-    """Validate a COCO detection json and its images.
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    Raises :class:`DatasetError` for malformed json (file, line, column), a category id missing from
-    ``categories``, a missing/unreadable image, or an image whose size differs from the json's
-    width/height. The size compared is the *displayed* one (after EXIF orientation), which is what
-    training reads (:mod:`ks_detr.data.images`); a json holding the stored, unrotated size of a
-    rotated photo gets its own message. Only image headers are read. Returns counts of what the
-    mapper will do silently: boxes with zero/negative size (dropped) and boxes reaching outside the
-    image (clipped), images without boxes (kept as all-background), and images that are
-    EXIF-rotated, have more than 8 bits per sample (min-max stretched) or have alpha (composited
-    onto black).
 
-    With ``skip_bad`` a bad image (with its annotations) or a bad annotation is left out instead of
-    raising (malformed json still raises); the counts then include ``skipped_images`` and
-    ``skipped_annotations``, and ``counts["data"]`` is the cleaned COCO dict.
-    """
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_id(v):
+    return _is_int(v) or (isinstance(v, str) and v != "")
+
+
+class _Problems:
+    """Record-level problems: raised at the next :meth:`stop` unless skipping, else counted."""
+
+    def __init__(self, json_file, skip_bad):
+        self.json_file, self.skip_bad = json_file, skip_bad
+        self.messages = []
+        self.bad_images, self.bad_annotations = set(), set()  # record positions
+
+    def image(self, index, record, message):
+        self.bad_images.add(index)
+        self.messages.append(f"{self.json_file}: {_describe_image(record, index)}: {message}")
+
+    def annotation(self, index, record, message, image_index=None):
+        self.bad_annotations.add(index)
+        if image_index is not None:
+            self.bad_images.add(image_index)
+        self.messages.append(f"{self.json_file}: {_describe_annotation(record, index)}: {message}")
+
+    def stop(self):
+        """Raise the first problem (all of them logged) unless skipping; with skipping log them."""
+        if not self.messages:
+            return
+        if self.skip_bad:
+            for m in self.messages:
+                logger.warning("skipped: %s", m)
+            self.messages = []
+            return
+        for m in self.messages[1:]:
+            logger.error("%s", m)
+        more = len(self.messages) - 1
+        raise DatasetError(self.messages[0] + (f" ({more} more problems of this file are in the log)" if more else ""))
+
+
+def _describe_image(record, index):
+    if isinstance(record, dict) and "id" in record:
+        return f"image id {_short(record['id'])}" + (f" ({record['file_name']})" if isinstance(
+            record.get("file_name"), str) else "")
+    return f"images[{index}]"
+
+
+def _describe_annotation(record, index):
+    if isinstance(record, dict) and "id" in record:
+        return f"annotation id {_short(record['id'])} (image id {_short(record.get('image_id'))})"
+    return f"annotations[{index}]"
+
+
+def _read_json(json_file):
     try:
-        with open(json_file) as f:
-            data = json.load(f)
+        with open(json_file, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{json_file}: malformed json at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{json_file}: not a UTF-8 text file ({e.reason} at byte {e.start}); "
+                           "give a COCO json file") from e
     except OSError as e:
         raise DatasetError(f"{json_file}: cannot read ({e.strerror})") from e
+    if not isinstance(data, dict):
+        raise DatasetError(f"{json_file}: the top level is a json {type(data).__name__}, not an object with "
+                           "'images', 'annotations' and 'categories' lists (COCO detection format)")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise DatasetError(f"{json_file}: missing the '{key}' list")
-    category_ids = {c["id"] for c in data["categories"]}
-    images = {}
-    counts = {"degenerate_boxes": 0, "clipped_boxes": 0, "images_without_boxes": 0,
-              "exif_rotated_images": 0, "high_bit_depth_images": 0, "images_with_alpha": 0}
-    skipped = {"images": 0, "annotations": 0}
-
-    def bad(kind, error):
-        """Raise ``error``, or with ``skip_bad`` count a skipped record of ``kind`` and log why."""
-        if not skip_bad:
-            raise error
-        skipped[kind] += 1
-        logger.warning("skipped: %s", error)
-
-    for img in data["images"]:
-        where = f"{json_file}: image id {img.get('id')} ({img.get('file_name')})"
-        path = os.path.join(image_root, img["file_name"])
-        try:
-            with Image.open(path) as im:
-                im.verify()
-            info = image_info(path)
-            _check_size(where, img, info)
-        except (OSError, SyntaxError) as e:
-            bad("images", DatasetError(f"{where}: cannot read {path}: {e}"))
-            continue
-        except DatasetError as e:
-            bad("images", e)
-            continue
-        counts["exif_rotated_images"] += info.orientation != 1
-        counts["high_bit_depth_images"] += info.high_bit_depth
-        counts["images_with_alpha"] += info.alpha
-        images[img["id"]] = img
-    with_boxes, kept = set(), []
-    known_image_ids = {img.get("id") for img in data["images"]}
-    for ann in data["annotations"]:
-        if ann.get("image_id") in known_image_ids and ann.get("image_id") not in images:
-            continue  # its image was skipped
-        if ann.get("category_id") not in category_ids:
-            bad("annotations", DatasetError(
-                f"{json_file}: annotation id {ann.get('id')} has category_id {ann.get('category_id')!r}, "
-                f"not in categories {sorted(category_ids)}"))
-            continue
-        img = images.get(ann.get("image_id"))
-        if img is None:
-            bad("annotations", DatasetError(
-                f"{json_file}: annotation id {ann.get('id')} refers to image_id {ann.get('image_id')!r}, not in images"))
-            continue
-        kept.append(ann)
-        x, y, w, h = ann["bbox"]
-        if w <= 0 or h <= 0:
-            counts["degenerate_boxes"] += 1
-            continue
-        if x < 0 or y < 0 or x + w > img["width"] or y + h > img["height"]:
-            counts["clipped_boxes"] += 1
-        with_boxes.add(img["id"])
-    counts["images_without_boxes"] = len(images) - len(with_boxes)
-    if skip_bad:
-        counts["skipped_images"], counts["skipped_annotations"] = skipped["images"], skipped["annotations"]
-        counts["data"] = dict(data, images=list(images.values()), annotations=kept)
-    return counts
+            found = "missing" if key not in data else f"a {type(data[key]).__name__}"
+            raise DatasetError(f"{json_file}: '{key}' must be a list of objects (COCO detection format), it is "
+                               f"{found}")
+    return data
 
 
-def _check_size(where, img, info):
-    """The json's width/height must be the displayed size (EXIF orientation applied)."""
-    if not all(isinstance(img.get(k), (int, float)) and not isinstance(img.get(k), bool) for k in ("width", "height")):
-        raise DatasetError(f"{where}: needs numeric 'width' and 'height' (got {img.get('width')!r}, "
-                           f"{img.get('height')!r}); the image is {info.width}x{info.height} (width x height)")
-    json_wh = (img["width"], img["height"])
-    if json_wh == (info.width, info.height):
-        return
-    if info.orientation != 1 and json_wh == (info.stored_width, info.stored_height):
-        raise DatasetError(
-            f"{where}: json width x height {json_wh[0]}x{json_wh[1]} is the stored pixel grid, but the EXIF "
-            f"orientation {info.orientation} displays (and training reads) the image as {info.width}x{info.height}. "
-            f"If the boxes were drawn on the displayed image, set width={info.width}, height={info.height} in the "
-            "json; if they were drawn on the stored pixels, remove the EXIF orientation tag from the file")
-    rotated = f" after its EXIF orientation {info.orientation}" if info.orientation != 1 else ""
-    raise DatasetError(f"{where}: json width x height {json_wh[0]}x{json_wh[1]} differs from the image's "
-                       f"{info.width}x{info.height}{rotated}")
+def _check_categories(json_file, categories):
+    ids = []
+    for i, c in enumerate(categories):
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
+            raise DatasetError(f"{json_file}: categories[{i}] is {_short(c)}; each category needs an integer "
+                               "'id' and a string 'name'")
+        ids.append(c["id"])
+    dup = [k for k, n in Counter(ids).items() if n > 1]
+    if dup:
+        raise DatasetError(f"{json_file}: category id {dup[0]} appears {ids.count(dup[0])} times in categories; "
+                           "give every category its own id")
+    return set(ids)
 
 
-def register_checked_coco(name, json_file, image_root, skip_bad=False, out_dir=None):
-    """Check the dataset (:func:`check_coco_json`), log what will be dropped or clipped, register it.
+def _image_field_problem(img):
+    if not isinstance(img, dict):
+        return f"is a json {type(img).__name__}, not an object"
+    if not _is_id(img.get("id")):
+        return f"'id' is {_short(img.get('id'))}; it must be an integer (or a non-empty string)"
+    if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+        return f"'file_name' is {_short(img.get('file_name'))}; it must be the image's path under the image folder"
+    for key in ("width", "height"):
+        v = img.get(key)
+        if not (_is_number(v) and math.isfinite(v) and v > 0 and float(v).is_integer()):
+            return f"'{key}' is {_short(v)}; it must be the image's {key} in pixels (a positive integer)"
+    return None
 
-    With ``skip_bad``, records that fail the check are left out: when any is, the cleaned json is
-    written to ``<out_dir>/<name>.checked.json`` and registered instead of ``json_file``.
+
+def _annotation_field_problem(ann, category_ids):
+    if not isinstance(ann, dict):
+        return f"is a json {type(ann).__name__}, not an object"
+    if not _is_id(ann.get("id")):
+        return f"'id' is {_short(ann.get('id'))}; it must be an integer (or a non-empty string)"
+    if not _is_int(ann.get("category_id")) or ann["category_id"] not in category_ids:
+        return f"'category_id' is {_short(ann.get('category_id'))}, not in categories {sorted(category_ids)}"
+    box = ann.get("bbox")
+    if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) and math.isfinite(v) for v in box)):
+        return f"'bbox' is {_short(box)}; it must be [x, y, width, height]: 4 finite numbers in pixels"
+    if "area" in ann and not (_is_number(ann["area"]) and math.isfinite(ann["area"]) and ann["area"] >= 0):
+        return f"'area' is {_short(ann['area'])}; it must be a finite number >= 0 (or left out)"
+    if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
+        return f"'iscrowd' is {_short(ann['iscrowd'])}; it must be 0 or 1"
+    return None
+
+
+def _repeated(values):
+    """Positions of every value that occurs more than once."""
+    counts = Counter(values)
+    return {i: counts[v] for i, v in enumerate(values) if counts[v] > 1}
+
+
+def check_coco_json(json_file, image_root, skip_bad=False, cache_file=None, workers=None):
+    """Validate a COCO detection json and its images (see the module docstring).
+
+    Returns ``(counts, data)``: ``counts`` has every key of :data:`COUNT_KEYS` (what was dropped,
+    clipped, filled, skipped, and how many images are rotated/high-bit/alpha), ``data`` is the cleaned
+    COCO dict (only the kept records; clipped boxes, filled areas). Raises :class:`DatasetError`.
     """
-    counts = check_coco_json(json_file, image_root, skip_bad)
-    data = counts.pop("data", None)
+    data = _read_json(json_file)
+    category_ids = _check_categories(json_file, data["categories"])
+    if image_root and not os.path.isdir(image_root):
+        raise DatasetError(f"{json_file}: image folder {image_root} does not exist")
+    problems = _Problems(json_file, skip_bad)
+    images, annotations = data["images"], data["annotations"]
+
+    # 1. records: fields and uniqueness
+    for i, img in enumerate(images):
+        why = _image_field_problem(img)
+        if why:
+            problems.image(i, img, f"{why}; {SKIP_HINT}")
+    ok = [i for i in range(len(images)) if i not in problems.bad_images]
+    for key, what in (("id", "image id"), ("file_name", "file_name")):
+        values = [images[i][key] if key == "id" else os.path.normpath(images[i][key]) for i in ok]
+        for pos, n in _repeated(values).items():
+            problems.image(ok[pos], images[ok[pos]], f"its {what} is used by {n} image records, so boxes can't be "
+                           f"told apart; give every image its own {what}, or pass --skip-bad-records to leave "
+                           "all of them out")
+    index_of_image = {images[i]["id"]: i for i in ok}
+    any_image_ids = {img["id"] for img in images if isinstance(img, dict) and _is_id(img.get("id"))}
+    for j, ann in enumerate(annotations):
+        why = _annotation_field_problem(ann, category_ids)
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        image_id = image_id if _is_id(image_id) else None
+        if why is None and image_id not in any_image_ids:
+            why = f"'image_id' is {_short(ann.get('image_id'))}, not the id of any image record"
+        if why:
+            problems.annotation(j, ann, f"{why}; {SKIP_HINT} (with its image)", index_of_image.get(image_id))
+    ok_anns = [j for j in range(len(annotations)) if j not in problems.bad_annotations]
+    for pos, n in _repeated([annotations[j]["id"] for j in ok_anns]).items():
+        j = ok_anns[pos]
+        problems.annotation(j, annotations[j], f"its id is used by {n} annotations; give every annotation its own id, "
+                            "or pass --skip-bad-records to leave them out (with their images)",
+                            index_of_image.get(annotations[j]["image_id"]))
+    problems.stop()
+
+    # 2. image files, fully decoded
+    todo = [i for i in range(len(images)) if i not in problems.bad_images]
+    paths = [os.path.join(image_root, images[i]["file_name"]) for i in todo]
+    infos = inspect_images(paths, cache_file or default_cache_file(), workers)
+    for i, path, (info, problem) in zip(todo, paths, infos):
+        problem = f"{path}: {problem}" if problem else _size_problem(images[i], info)
+        if problem:
+            problems.image(i, images[i], problem)
+    problems.stop()
+
+    # 3. boxes
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    kept_images = [i for i in range(len(images)) if i not in problems.bad_images]
+    kept_ids = {images[i]["id"] for i in kept_images}
+    counts["skipped_images"] = len(images) - len(kept_images)
+    counts["skipped_annotations"] = len(problems.bad_annotations)
+    with_boxes, kept_annotations = set(), []
+    for j, ann in enumerate(annotations):
+        if j in problems.bad_annotations:
+            continue
+        if ann["image_id"] not in kept_ids:
+            counts["annotations_of_skipped_images"] += 1
+            continue
+        img = images[index_of_image[ann["image_id"]]]
+        box, rule = clip_box(ann["bbox"], img["width"], img["height"])
+        if rule in ("empty_boxes_dropped", "outside_boxes_dropped"):
+            counts[rule] += 1
+            continue
+        ann = dict(ann, bbox=box)
+        counts["boxes_clipped"] += rule == "boxes_clipped"
+        if "area" not in ann:
+            ann["area"] = box[2] * box[3]
+            counts["areas_filled"] += 1
+        if not ann.get("iscrowd", 0):
+            with_boxes.add(ann["image_id"])
+        kept_annotations.append(ann)
+    counts["images_without_boxes"] = len(kept_ids - with_boxes)
+    for i, (info, _) in zip(todo, infos):
+        if i in kept_images:
+            counts["exif_rotated_images"] += info["orientation"] != 1
+            counts["high_bit_depth_images"] += info["high_bit_depth"]
+            counts["images_with_alpha"] += info["alpha"]
+    cleaned = dict(data, images=[images[i] for i in kept_images], annotations=kept_annotations)
+    return counts, cleaned
+
+
+def clip_box(bbox, width, height):
+    """``[x, y, w, h]`` box -> (box clipped to the image, rule): rule is None (inside),
+    ``"boxes_clipped"``, ``"empty_boxes_dropped"`` (w or h <= 0) or ``"outside_boxes_dropped"``."""
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        return None, "empty_boxes_dropped"
+    x0, y0 = min(max(x, 0), width), min(max(y, 0), height)
+    x1, y1 = min(max(x + w, 0), width), min(max(y + h, 0), height)
+    if x1 <= x0 or y1 <= y0:
+        return None, "outside_boxes_dropped"
+    clipped = [x0, y0, x1 - x0, y1 - y0]
+    return (list(bbox), None) if (x0, y0, x1, y1) == (x, y, x + w, y + h) else (clipped, "boxes_clipped")
+
+
+def _size_problem(img, info):
+    """The json's width/height must be the displayed size (EXIF orientation applied)."""
+    json_wh = (img["width"], img["height"])
+    if json_wh == (info["width"], info["height"]):
+        return None
+    w, h, o = info["width"], info["height"], info["orientation"]
+    if o != 1 and json_wh == (info["stored_width"], info["stored_height"]):
+        return (f"json width x height {json_wh[0]}x{json_wh[1]} is the stored pixel grid, but the EXIF orientation "
+                f"{o} displays (and training reads) the image as {w}x{h}. If the boxes were drawn on the displayed "
+                f"image, set width={w}, height={h} in the json; if they were drawn on the stored pixels, remove the "
+                "EXIF orientation tag from the file")
+    rotated = f" after its EXIF orientation {o}" if o != 1 else ""
+    return (f"json width x height {json_wh[0]}x{json_wh[1]} differs from the image's {w}x{h}{rotated}; "
+            f"{SKIP_HINT}")
+
+
+# ---- image decoding: worker processes with libjpeg's warnings captured, cached by (size, mtime)
+
+_stderr_file = None  # a worker's stderr file, kept open
+
+
+def _capture_stderr():
+    """Worker initializer: fd 2 (where libjpeg prints its warnings) goes to a private temp file."""
+    global _stderr_file
+    _stderr_file = tempfile.TemporaryFile()
+    os.dup2(_stderr_file.fileno(), 2)
+
+
+def _libjpeg_warnings(path):
+    """libjpeg's warnings while OpenCV decodes a JPEG (e.g. 'Corrupt JPEG data: ...'); '' if none."""
+    import cv2
+
+    start = os.lseek(2, 0, os.SEEK_END)
+    decoded = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+    end = os.lseek(2, 0, os.SEEK_END)
+    text = os.pread(2, end - start, start).decode(errors="replace").strip() if end > start else ""
+    if decoded is None and not text:
+        text = "OpenCV cannot decode it"
+    return text
+
+
+def inspect_image(path):
+    """Decode ``path`` completely as training does: ``(info dict, None)`` or ``(None, problem)``."""
+    try:
+        info = image_info(path)
+        pixels = read_image(path)
+    except FileNotFoundError:
+        return None, "file not found"
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow: unidentified, truncated, broken data
+        return None, f"cannot decode the image ({e}); re-export the file or {SKIP_HINT}"
+    if pixels.shape[:2] != (info.height, info.width):
+        return None, f"decodes to {pixels.shape[1]}x{pixels.shape[0]}, its header says {info.width}x{info.height}"
+    with open(path, "rb") as f:
+        is_jpeg = f.read(2) == b"\xff\xd8"
+    warnings = _libjpeg_warnings(path) if is_jpeg else ""
+    if warnings:
+        return None, (f"corrupt JPEG data (libjpeg: {' / '.join(warnings.splitlines()[:2])}): parts of it would "
+                      f"train as garbage; re-export the file or {SKIP_HINT}")
+    return info._asdict(), None
+
+
+def _file_key(path):
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def inspect_images(paths, cache_file, workers=None):
+    """:func:`inspect_image` of every path, in worker processes, cached in ``cache_file`` by path,
+    size and modification time (a missing file is not cached)."""
+    try:
+        with open(cache_file) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    results, todo = [None] * len(paths), []
+    for k, path in enumerate(paths):
+        try:
+            key = _file_key(path)
+        except OSError:
+            results[k] = (None, "file not found")
+            continue
+        hit = cache.get(os.path.abspath(path))
+        if hit and hit[0] == key:
+            results[k] = tuple(hit[1])
+        else:
+            todo.append((k, key))
+    if todo:
+        n = workers or min(len(todo), os.cpu_count() or 1, 16)
+        logger.info("decoding %d images (%d processes; the next run reads %s instead)", len(todo), n, cache_file)
+        with concurrent.futures.ProcessPoolExecutor(n, initializer=_capture_stderr) as pool:
+            chunk = max(1, len(todo) // (4 * n))
+            for (k, key), result in zip(todo, pool.map(inspect_image, [paths[k] for k, _ in todo], chunksize=chunk)):
+                results[k] = result
+                cache[os.path.abspath(paths[k])] = [key, list(result)]
+        try:
+            os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
+            atomic_write(cache_file, lambda f: f.write(json.dumps(cache).encode()))
+        except OSError as e:
+            logger.warning("could not write the image check cache %s (%s)", cache_file, e)
+    return results
+
+
+def register_checked_coco(name, json_file, image_root, skip_bad=False, out_dir=None, cache_file=None):
+    """Check the dataset (:func:`check_coco_json`), log the counts, register it under ``name``.
+
+    When the check left out, dropped, clipped or filled anything, the cleaned json is written to
+    ``<out_dir>/<name>.checked.json`` and registered instead of ``json_file``. Returns the counts.
+    """
+    counts, data = check_coco_json(json_file, image_root, skip_bad, cache_file)
+    logger.info(
+        "dataset %s (%s): %d images, %d boxes kept; dropped %d boxes with zero or negative size and %d boxes "
+        "outside the image, clipped %d boxes to the image, filled %d missing areas; %d images without boxes "
+        "(left out of training while DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)", name, json_file,
+        len(data["images"]), len(data["annotations"]), counts["empty_boxes_dropped"], counts["outside_boxes_dropped"],
+        counts["boxes_clipped"], counts["areas_filled"], counts["images_without_boxes"])
     if skip_bad:
-        logger.info("dataset %s (%s): skipped %d bad images (with their annotations) and %d bad annotations",
-                    name, json_file, counts["skipped_images"], counts["skipped_annotations"])
-        if counts["skipped_images"] or counts["skipped_annotations"]:
-            os.makedirs(out_dir or ".", exist_ok=True)
-            json_file = os.path.join(out_dir or ".", f"{name}.checked.json")
-            with open(json_file, "w") as f:
-                json.dump(data, f)
-            logger.info("dataset %s: registered the cleaned json %s", name, json_file)
-    logger.info("dataset %s (%s): %d boxes with zero/negative size dropped, %d boxes clipped to the image, "
-                "%d images without boxes (all background; training skips them while "
-                "DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)", name, json_file, counts["degenerate_boxes"],
-                counts["clipped_boxes"], counts["images_without_boxes"])
+        logger.info("dataset %s: --skip-bad-records left out %d images and %d bad annotations (plus the %d "
+                    "annotations of those images)", name, counts["skipped_images"], counts["skipped_annotations"],
+                    counts["annotations_of_skipped_images"])
     if counts["exif_rotated_images"] or counts["high_bit_depth_images"] or counts["images_with_alpha"]:
         logger.info("dataset %s: %d images rotated by their EXIF orientation (boxes refer to the displayed image), "
                     "%d images with more than 8 bits per sample (stretched to 0-255 by each image's min-max), "
                     "%d images with alpha (composited onto black)", name, counts["exif_rotated_images"],
                     counts["high_bit_depth_images"], counts["images_with_alpha"])
+    changed = ("skipped_images", "skipped_annotations", "empty_boxes_dropped", "outside_boxes_dropped",
+               "boxes_clipped", "areas_filled")
+    if any(counts[k] for k in changed):
+        os.makedirs(out_dir or ".", exist_ok=True)
+        json_file = os.path.join(out_dir or ".", f"{name}.checked.json")
+        atomic_write(json_file, lambda f: f.write(json.dumps(data).encode()))
+        logger.info("dataset %s: registered the checked json %s", name, json_file)
     register_coco_instances(name, {}, json_file, image_root)
     return counts
 
@@ -167,5 +439,6 @@ def check_num_classes(cfg):
             DatasetCatalog.get(name)  # loading a COCO json fills thing_classes
         classes = getattr(meta, "thing_classes", None)
         if classes is not None and len(classes) != cfg.MODEL.DETR.NUM_CLASSES:
-            raise ValueError(f"Invalid config MODEL.DETR.NUM_CLASSES={cfg.MODEL.DETR.NUM_CLASSES}: dataset {name} has "
-                             f"{len(classes)} categories {classes[:10]}")
+            raise DatasetError(f"Invalid config MODEL.DETR.NUM_CLASSES={cfg.MODEL.DETR.NUM_CLASSES}: dataset {name} "
+                               f"has {len(classes)} categories {classes[:10]}; set MODEL.DETR.NUM_CLASSES "
+                               f"{len(classes)}")

@@ -18,10 +18,12 @@ import logging
 import numpy as np
 import torch
 from detectron2.data import get_detection_dataset_dicts
-from detectron2.data.build import trivial_batch_collator
+from detectron2.data.build import filter_images_with_only_crowd_annotations, trivial_batch_collator
 from detectron2.data.common import DatasetFromList
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.utils import comm
+
+from ..errors import ConfigError, DatasetError
 
 SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler")
 
@@ -116,12 +118,20 @@ def build_resumable_train_loader(cfg, mapper):
     world = comm.get_world_size()
     total = cfg.SOLVER.IMS_PER_BATCH
     if total % world:
-        raise ValueError(f"Invalid config SOLVER.IMS_PER_BATCH={total}: must be divisible by the number of "
+        raise ConfigError(f"Invalid config SOLVER.IMS_PER_BATCH={total}: must be divisible by the number of "
                          f"processes ({world})")
     name = cfg.DATALOADER.SAMPLER_TRAIN
     if name not in SAMPLERS:
-        raise ValueError(f"Invalid config DATALOADER.SAMPLER_TRAIN={name!r}: choose one of {SAMPLERS}")
-    records = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        raise ConfigError(f"Invalid config DATALOADER.SAMPLER_TRAIN={name!r}: choose one of {SAMPLERS}")
+    records = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+        n = len(records)
+        records = filter_images_with_only_crowd_annotations(records)
+        if not records:
+            raise DatasetError(
+                f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}: none of its {n} images has a box (boxes of zero size "
+                "or outside the image are dropped, crowd boxes are ignored), so there is nothing to learn; check the "
+                "annotations, or set DATALOADER.FILTER_EMPTY_ANNOTATIONS False to train on them as background")
     factors = None
     if name == "RepeatFactorTrainingSampler":
         factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
