@@ -1,12 +1,42 @@
-"""demo/demo.py and tools/plot_metrics.py write the pictures they promise."""
+"""demo/demo.py, tools/plot_metrics.py and tools/convert_torchvision_resnet.py write what they promise."""
+import importlib.util
+import io
 import json
+import os
+import pickle
 import subprocess
 import sys
 
+import numpy as np
+import torch
+import torchvision
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, make_cfg
 from ks_detr.data.datasets import datasets_root
+
+_spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "demo", "demo.py"))
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
+TINY_DEMO = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.DETR.NUM_CLASSES", "1", "MODEL.DETR.NUM_QUERIES", "10",
+             "DATASETS.TEST", '("trees_val",)', "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
+
+
+def run_demo(output, *inputs):
+    """demo/demo.py on ``inputs`` with a tiny random Conditional DETR on CPU."""
+    return subprocess.run([sys.executable, "demo/demo.py", "--config-file", "configs/conditional_detr_r50.yaml",
+                           "--input", *map(str, inputs), "--output", str(output), "--confidence", "0.0", *TINY_DEMO],
+                          cwd=REPO, capture_output=True, text=True)
+
+
+def save_image(path, size, fmt=None):
+    """A random RGB image of ``size`` (w, h) at ``path`` (folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
 
 
 def test_demo_writes_png_per_image(tmp_path):
@@ -23,11 +53,57 @@ def test_demo_writes_png_per_image(tmp_path):
         assert out.size == src.size
 
 
-def test_demo_rejects_missing_input(tmp_path):
+def test_demo_folders_globs_and_clashing_names(tmp_path):
+    src = tmp_path / "in"
+    sizes = {"a/x.jpg": (40, 30), "a/sub/y.PNG": (24, 36), "b/x.jpg": (32, 32), "b/x.png": (36, 20),
+             "c/deep/z.jpg": (28, 44)}
+    for rel, size in sizes.items():
+        save_image(src / rel, size)
+    (src / "a" / "notes.txt").write_text("not an image, skipped silently inside a folder")
+    r = run_demo(tmp_path / "out", src / "a", src / "b" / "x.*", src / "c" / "**" / "*.jpg", src / "a" / "x.jpg")
+    assert r.returncode == 0, r.stderr[-2000:]
+    expected = {"a/x.png": "a/x.jpg", "a/sub/y.png": "a/sub/y.PNG", "b/x.jpg.png": "b/x.jpg",
+                "b/x.png.png": "b/x.png", "c/deep/z.png": "c/deep/z.jpg"}  # a/x.jpg given twice: one PNG
+    written = {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert written == set(expected)
+    for out, rel in expected.items():
+        with Image.open(tmp_path / "out" / out) as im:
+            assert im.size == sizes[rel]
+    assert "5 PNG(s) written" in r.stdout
+
+
+def test_demo_output_names_never_clash():
+    files = ["/d/a/x.jpg", "/d/a/x.png", "/d/a/x.jpg.png", "/d/b/x.jpg", "/d/b/y.jpeg"]
+    assert demo.output_names(files) == ["a/x.jpg.png", "a/x.png.png", "a/x.jpg.png.png", "b/x.png", "b/y.png"]
+    assert demo.output_names(["/d/a/x.jpg"]) == ["x.png"]
+
+
+def test_demo_skips_unreadable_inputs(tmp_path):
+    save_image(tmp_path / "in" / "good.jpg", (30, 20))
+    save_image(tmp_path / "in" / "good2.png", (20, 30))
+    (tmp_path / "in" / "text.jpg").write_text("a text file, not a JPEG")
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    (tmp_path / "in" / "cut.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    r = run_demo(tmp_path / "out", tmp_path / "in", tmp_path / "missing.jpg")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["good.png", "good2.png"]
+    for bad in ("text.jpg", "cut.jpg", "missing.jpg: does not exist"):
+        assert bad in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("2 PNG(s) written")
+    assert "3 input(s) failed" in r.stderr
+
+
+def test_demo_no_input_found(tmp_path):
+    (tmp_path / "empty").mkdir()
     r = subprocess.run([sys.executable, "demo/demo.py", "--config-file", "configs/conditional_detr_r50.yaml",
-                        "--input", str(tmp_path / "nope.jpg"), "--output", str(tmp_path)],
-                       cwd=REPO, capture_output=True, text=True)
-    assert r.returncode != 0 and "nope.jpg" in r.stderr
+                        "--input", str(tmp_path / "nope.jpg"), str(tmp_path / "*.png"), str(tmp_path / "empty"),
+                        "--output", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no image file found") and "nope.jpg does not exist" in last
+    assert "matches no image file" in last and "contains no image file" in last
+    assert not (tmp_path / "out").exists()
 
 
 def test_plot_metrics(tmp_path):
@@ -54,3 +130,58 @@ def test_plot_metrics(tmp_path):
     r = subprocess.run([sys.executable, "tools/plot_metrics.py", str(tmp_path / "missing")], cwd=REPO,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "metrics.json does not exist" in r.stderr
+
+
+def test_convert_torchvision_resnet(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50().eval()  # random init: no download
+    with torch.no_grad():  # BatchNorms that are not the identity, so a wrong norm mapping shows
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for tensor, low, high in ((m.weight, 0.5, 1.0), (m.bias, -0.1, 0.1), (m.running_mean, -0.1, 0.1),
+                                          (m.running_var, 1.0, 2.0)):
+                    tensor.uniform_(low, high)
+    torch.save(net.state_dict(), tmp_path / "tv.pth")
+    out = tmp_path / "weights" / "R-50.pkl"
+    subprocess.run([sys.executable, "tools/convert_torchvision_resnet.py", "--arch", "resnet50",
+                    "--input", str(tmp_path / "tv.pth"), "--output", str(out)], cwd=REPO, check=True,
+                   capture_output=True)
+    with open(out, "rb") as f:
+        data = pickle.load(f)
+    assert data["__author__"] == "torchvision" and data["matching_heuristics"] is True
+    # the backbone keys of the R101 configs (STRIDE_IN_1X1 False, FrozenBN, res5), at depth 50
+    cfg = make_cfg("configs/conditional_detr_r101.yaml", "MODEL.RESNETS.DEPTH", 50)
+    backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
+    DetectionCheckpointer(backbone).load(str(out))
+    assert set(data["model"]) == set(backbone.state_dict())
+    pairs = [(net.conv1, backbone.stem.conv1), (net.bn1, backbone.stem.conv1.norm)]
+    for i in range(1, 5):
+        for tv_block, d2_block in zip(getattr(net, f"layer{i}"), getattr(backbone, f"res{i + 1}"), strict=True):
+            for k in (1, 2, 3):
+                conv = getattr(d2_block, f"conv{k}")
+                pairs += [(getattr(tv_block, f"conv{k}"), conv), (getattr(tv_block, f"bn{k}"), conv.norm)]
+            if tv_block.downsample is not None:
+                pairs += [(tv_block.downsample[0], d2_block.shortcut), (tv_block.downsample[1], d2_block.shortcut.norm)]
+    checked = 0
+    for tv_module, d2_module in pairs:
+        for name, tensor in [*d2_module.named_parameters(recurse=False), *d2_module.named_buffers(recurse=False)]:
+            assert torch.equal(tensor, getattr(tv_module, name)), name
+            checked += 1
+    assert checked == len(backbone.state_dict())
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = torch.nn.Sequential(*list(net.children())[:-2])(x)  # up to layer4: no pooling, no fc
+        torch.testing.assert_close(backbone(x)["res5"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_torchvision_resnet_rejects_other_files(tmp_path):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with torch.device("meta"):
+        keys = torchvision.models.resnet50().state_dict().keys()
+    torch.save({k: torch.zeros(1) for k in keys}, tmp_path / "flat.pth")
+    for path, why in (("notes.pth", "cannot read --input"), ("flat.pth", "is not a torchvision resnet101")):
+        r = subprocess.run([sys.executable, "tools/convert_torchvision_resnet.py", "--input", str(tmp_path / path),
+                            "--output", str(tmp_path / "out.pkl")], cwd=REPO, capture_output=True, text=True)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and last.startswith("error: ") and path in last and why in last, r.stderr[-2000:]
+    assert not (tmp_path / "out.pkl").exists()
