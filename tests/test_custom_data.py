@@ -54,6 +54,10 @@ def test_good_dataset_counts_and_registration(tmp_path):
     from detectron2.data import DatasetCatalog
     boxes = [a["bbox"] for r in DatasetCatalog.get("custom_ok_train") for a in r["annotations"]]
     assert boxes == [[10, 10, 20, 15], [70, 50, 10, 14]]  # the checked json, not the original
+    with pytest.raises(DatasetError, match=r"the name 'custom_ok_train' is already registered"):
+        register_checked_coco("custom_ok_train", js, img)
+    with pytest.raises(DatasetError, match=r"the name 'trees_val' is already registered"):
+        register_checked_coco("trees_val", js, img)
     cfg = make_cfg("configs/conditional_detr_r50.yaml", "DATASETS.TRAIN", ("custom_ok_train",),
                    "DATASETS.TEST", ("custom_ok_train",), "MODEL.DETR.NUM_CLASSES", 2)
     check_num_classes(cfg)

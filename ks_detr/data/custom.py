@@ -404,6 +404,9 @@ def register_checked_coco(name, json_file, image_root, skip_bad=False, out_dir=N
     When the check left out, dropped, clipped or filled anything, the cleaned json is written to
     ``<out_dir>/<name>.checked.json`` and registered instead of ``json_file``. Returns the counts.
     """
+    if name in DatasetCatalog.list():
+        raise DatasetError(f"--register-coco {name} {json_file}: the name {name!r} is already registered (a builtin "
+                           "dataset, or the same name given twice); choose another name")
     counts, data = check_coco_json(json_file, image_root, skip_bad, cache_file)
     logger.info(
         "dataset %s (%s): %d images, %d boxes kept; dropped %d boxes with zero or negative size and %d boxes "
