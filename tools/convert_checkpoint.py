@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ks_detr import load_config  # noqa: E402
 from ks_detr.checkpoint import is_teacher_only  # noqa: E402
+from ks_detr.errors import CheckpointError, report_user_errors  # noqa: E402
 
 log = logging.getLogger("ks_detr.convert_checkpoint")
 
@@ -55,7 +56,7 @@ TEACHER_ROWS = {6: (0, 1, 2), 5: (0, 1), 4: (2,)}  # triple | share_v (dual "sha
 MODE_PARTS = {"triple": (0, 1, 2), "share_v": (0, 1), "share_a": (2,)}  # teacher parts each MODEL.KS.MODE reads
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """A checkpoint that cannot be converted for the given config."""
 
 
@@ -323,7 +324,7 @@ def convert(sd, cfg, expected, source="auto"):
             more = " ..." if len(names) > 20 else ""
             errors.append(f"{len(names)} tensor(s) {what}: " + "; ".join(names[:20]) + more)
     if errors:
-        raise ConversionError("\n".join(errors))
+        raise ConversionError(" | ".join(errors))
     for what, n in sorted(counts.items()):
         log.info("%s: %d", what, n)
     return {n: out[n] for n in expected}
@@ -338,8 +339,14 @@ def main(argv=None):
     parser.add_argument("input", help="published checkpoint (.pth)")
     parser.add_argument("output", help="where to write the converted checkpoint")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with report_user_errors(args.debug):
+        run(parser, args)
+
+
+def run(parser, args):
     if not os.path.isfile(args.input):
         parser.error(f"input {args.input!r} is not a file")
     if os.path.abspath(args.input) == os.path.abspath(args.output):
@@ -348,7 +355,7 @@ def main(argv=None):
     try:
         sd = convert(read_checkpoint(args.input, args.trust_pickle), cfg, expected_state(cfg), args.source)
     except ConversionError as e:
-        parser.exit(1, f"error: {args.input}: {e}\n")
+        raise ConversionError(f"{args.input}: {e}") from e
     torch.save({"model": sd}, args.output)
     log.info("wrote %s: %d tensors for %s", args.output, len(sd), args.config_file)
 
