@@ -61,8 +61,8 @@ def add_ks_detr_config(cfg):
     _K.MASK.PAD_PIXELS = 0  # grow every GT box by this many input pixels per side
     _K.MASK.SAMPLING = "bilinear"  # bilinear (official, align_corners) | area (any overlap)
 
-    # load MODEL.WEIGHTS even if it fills fewer than half of the model's tensors (ks_detr.checkpoint.MIN_MATCH;
-    # backbone-only files and KS <-> baseline checkpoints load without it)
+    # load MODEL.WEIGHTS even if it fills fewer than half of the model's tensors or of those outside the backbone
+    # (ks_detr.checkpoint.MIN_MATCH; backbone-only files and KS <-> baseline checkpoints load without it)
     cfg.MODEL.WEIGHTS_ALLOW_PARTIAL = False
 
     cfg.MODEL.MOBILENET_V2 = CN()  # MODEL.BACKBONE.NAME: "build_mobilenet_v2_backbone"
