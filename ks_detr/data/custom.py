@@ -251,6 +251,9 @@ def check_coco_json(json_file, image_root, skip_bad=False, cache_file=None, work
     kept_images = [i for i in range(len(images)) if i not in problems.bad_images]
     kept_ids = {images[i]["id"] for i in kept_images}
     counts["skipped_images"] = len(images) - len(kept_images)
+    if images and not kept_images:
+        raise DatasetError(f"{json_file}: --skip-bad-records left out all {len(images)} images (see the warnings "
+                           "above); nothing is left to register")
     counts["skipped_annotations"] = len(problems.bad_annotations)
     with_boxes, kept_annotations = set(), []
     for j, ann in enumerate(annotations):

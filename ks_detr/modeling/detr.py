@@ -13,6 +13,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torchvision.ops import box_convert
 
+from ..errors import ConfigError
 from .criterion import SetCriterion
 from .ks import SMLP, STREAMS, KSEncoderLayer, TripleAttention, box_canvas, fg_token_mask
 from .matcher import HungarianMatcher
@@ -50,7 +51,7 @@ class DETRBase(nn.Module):
         shapes = self.backbone.output_shape()
         missing = [f for f in self.in_features if f not in shapes]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"Invalid config MODEL.DETR.IN_FEATURES={self.in_features!r}: the backbone gives "
                 f"{sorted(shapes)} (set MODEL.RESNETS.OUT_FEATURES)"
             )
@@ -86,7 +87,7 @@ class DETRBase(nn.Module):
     def build_input_proj(self, cfg, shapes):
         """Projection of the backbone features to the transformer width (one 1x1 conv)."""
         if len(shapes) != 1:
-            raise ValueError(f"Invalid config MODEL.DETR.IN_FEATURES={self.in_features!r}: "
+            raise ConfigError(f"Invalid config MODEL.DETR.IN_FEATURES={self.in_features!r}: "
                              f"{type(self).__name__} uses one feature map")
         return nn.Conv2d(shapes[0].channels, cfg.MODEL.DETR.HIDDEN_DIM, kernel_size=1)
 
