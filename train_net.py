@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -23,6 +22,7 @@ from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
 from ks_detr import load_config
+from ks_detr.checkpoint import load_eval_weights
 from ks_detr.data import check_num_classes, register_checked_coco
 from ks_detr.engine import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, Trainer
 from ks_detr.errors import USER_ERROR_EXIT_CODE, report_user_errors
@@ -57,7 +57,7 @@ def run(args):
     check_num_classes(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        load_eval_weights(model, cfg, resume=args.resume)
         res = Trainer.test(cfg, model)
         verify_results(cfg, res)
         return res

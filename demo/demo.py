@@ -28,6 +28,7 @@ from detectron2.utils.visualizer import Visualizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ks_detr import load_config  # noqa: E402
+from ks_detr.checkpoint import AtomicCheckpointer  # noqa: E402
 from ks_detr.data.images import read_image  # noqa: E402  (EXIF, 16-bit, alpha as in training)
 from ks_detr.errors import InputError, report_user_errors  # noqa: E402
 
@@ -97,7 +98,11 @@ def predict_all(args):
     cfg.freeze()
     if not cfg.MODEL.WEIGHTS:
         print("warning: MODEL.WEIGHTS is empty, predicting with a randomly initialised model", file=sys.stderr)
-    predictor = DefaultPredictor(cfg)
+    bare = cfg.clone()
+    bare.defrost()
+    bare.MODEL.WEIGHTS = ""  # loaded below by our checked loader (one-line errors naming the file)
+    predictor = DefaultPredictor(bare)
+    AtomicCheckpointer(predictor.model, allow_partial=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL).load(cfg.MODEL.WEIGHTS)
     names = cfg.DATASETS.TEST or cfg.DATASETS.TRAIN
     metadata = MetadataCatalog.get(names[0]) if names else None
     written, failed = 0, len(failures)

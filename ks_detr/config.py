@@ -164,6 +164,6 @@ def load_config(config_file, opts=()):
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError, SyntaxError) as e:
-        raise ConfigError(f"command-line override {' '.join(map(str, opts))!r}: {str(e).strip(chr(39))}") from e
+        raise ConfigError(f"command-line override: {str(e).strip(chr(39))}") from e  # yacs names the key
     check_ks_detr_config(cfg)
     return cfg

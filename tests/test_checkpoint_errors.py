@@ -252,3 +252,28 @@ def test_eval_only_without_weights_warns(models, caplog):
     with caplog.at_level("WARNING", logger="ks_detr.checkpoint"):
         assert load_eval_weights(models[BASELINE], cfg_of(BASELINE)) == ""
     assert "--eval-only without MODEL.WEIGHTS: the predictions come from a randomly initialised model" in caplog.text
+
+
+def test_command_line_tools_end_in_one_error_line_naming_the_file(tmp_path):
+    """train_net --eval-only, demo.py and ks_to_student.py with a text file as checkpoint: exit 2, last line."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    text = tmp_path / "model_final.pth"
+    text.write_text("output/model_final.pth\n")
+    image = tmp_path / "a.png"
+    from PIL import Image
+    Image.new("RGB", (64, 48)).save(image)
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(text), *map(str, TINY)]
+    commands = {
+        "train_net": ["train_net.py", "--eval-only", "--config-file", BASELINE, "OUTPUT_DIR", str(tmp_path), *opts],
+        "demo": ["demo/demo.py", "--config-file", BASELINE, "--input", str(image), "--output", str(tmp_path), *opts],
+        "ks_to_student": ["tools/ks_to_student.py", str(text), str(tmp_path / "student.pth")],
+    }
+    for name, args in commands.items():
+        r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and last.startswith(f"error: {text}: not a checkpoint"), (name, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, name

@@ -14,13 +14,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ks_detr.checkpoint import load_checkpoint, student_state_dict  # noqa: E402
+from ks_detr.errors import report_user_errors  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="KS checkpoint (.pth written by train_net.py)")
     parser.add_argument("output", help="where to write the student checkpoint")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    with report_user_errors(args.debug):
+        run(parser, args)
+
+
+def run(parser, args):
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         parser.error(f"output {args.output!r} would overwrite the input")
     model = load_checkpoint(args.input)

@@ -28,7 +28,6 @@ import textwrap
 import matplotlib
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -41,8 +40,10 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ks_detr import load_config  # noqa: E402
+from ks_detr.checkpoint import AtomicCheckpointer  # noqa: E402
 from ks_detr.data.custom import register_checked_coco  # noqa: E402
 from ks_detr.data.images import read_image  # noqa: E402
+from ks_detr.errors import report_user_errors  # noqa: E402
 from ks_detr.modeling.ks import DeformableTripleAttention  # noqa: E402
 from ks_detr.modeling.ks.triple_attention import stack_streams  # noqa: E402
 
@@ -404,6 +405,7 @@ def build_parser():
     parser.add_argument("--layer", type=int, help="KS encoder layer index (python index; default the last KS layer)")
     parser.add_argument("--query-level", type=int, default=0, help="feature level of the query tokens (multi-scale)")
     parser.add_argument("--per-head", action="store_true", help="also write one panel per head")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
 
@@ -416,7 +418,7 @@ def build_ks_model(cfg, config_file):
                          f"{cfg.MODEL.META_ARCHITECTURE!r}, MODEL.KS.ENABLED={cfg.MODEL.KS.ENABLED}): "
                          "use a configs/ks_*.yaml")
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AtomicCheckpointer(model, allow_partial=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL).load(cfg.MODEL.WEIGHTS)
     else:
         print("warning: MODEL.WEIGHTS is empty, visualising a randomly initialised model", file=sys.stderr)
     return model
@@ -425,6 +427,11 @@ def build_ks_model(cfg, config_file):
 def main(argv=None):
     """Run the tool; returns the paths of the written PNGs."""
     args = build_parser().parse_args(argv)
+    with report_user_errors(args.debug):
+        return run(args)
+
+
+def run(args):
     for name, json_file, image_root in args.register_coco or []:
         register_checked_coco(name, json_file, image_root)
     cfg = load_config(args.config_file, args.opts)
