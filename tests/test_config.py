@@ -1,6 +1,8 @@
 """Shipped YAMLs load and build; invalid keys and values fail naming the key and the value."""
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 from detectron2.config import get_cfg
@@ -93,3 +95,16 @@ def test_mobilenet_freeze_at_out_of_range_is_named():
     cfg.merge_from_list(["MODEL.BACKBONE.FREEZE_AT", 6])
     with pytest.raises(ValueError, match="MODEL.BACKBONE.FREEZE_AT=6"):
         check_ks_detr_config(cfg)
+
+
+@pytest.mark.parametrize("args,last", [
+    (["--config-file", "configs/nope.yaml"], "error: config file configs/nope.yaml does not exist"),
+    (["--config-file", "configs/quickstart/ks_trees.yaml", "MODEL.KS.TEACHERS", "2"],
+     "error: command-line override: Non-existent key: MODEL.KS.TEACHERS"),
+    (["--config-file", "configs/quickstart/ks_trees.yaml", "MODEL.KS.MODE", "quad"],
+     "error: Invalid config MODEL.KS.MODE='quad': choose one of ('triple', 'share_v', 'share_a')"),
+])
+def test_train_net_config_errors_end_in_one_line(args, last):
+    r = subprocess.run([sys.executable, "train_net.py", *args], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(last), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
