@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
@@ -25,7 +26,7 @@ from ks_detr import load_config
 from ks_detr.checkpoint import load_eval_weights
 from ks_detr.data import check_num_classes, register_checked_coco
 from ks_detr.engine import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, Trainer
-from ks_detr.errors import USER_ERROR_EXIT_CODE, report_user_errors
+from ks_detr.errors import ERROR_FILE_ENV, USER_ERROR_EXIT_CODE, repeat_worker_error, report_user_errors
 
 
 def setup(args):
@@ -95,8 +96,11 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     if args.num_gpus * args.num_machines > 1:
         forward_signals_to_workers()
+        os.environ[ERROR_FILE_ENV] = os.path.join(tempfile.mkdtemp(prefix="ks_detr_"), "error.txt")
     try:
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
     except ProcessExitedException as e:  # a worker was preempted, stopped on a user error or failed
+        if e.exit_code == USER_ERROR_EXIT_CODE:
+            repeat_worker_error()
         sys.exit(e.exit_code if e.exit_code in (PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE) else 1)

@@ -9,10 +9,14 @@ full traceback.
 """
 import contextlib
 import logging
+import os
 import sys
 import traceback
 
 USER_ERROR_EXIT_CODE = 2
+# Set by a launcher of worker processes: a worker stopping on a UserError writes its message there, so
+# the launcher can repeat it as the very last line (after torch's own messages about the workers).
+ERROR_FILE_ENV = "KS_DETR_ERROR_FILE"
 
 
 class UserError(Exception):
@@ -46,4 +50,15 @@ def report_user_errors(debug=False):
             traceback.print_exc()
         sys.stderr.flush()
         print(f"error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get(ERROR_FILE_ENV):
+            with open(os.environ[ERROR_FILE_ENV], "w") as f:
+                f.write(str(e))
         sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def repeat_worker_error():
+    """In a launcher whose worker stopped with :data:`USER_ERROR_EXIT_CODE`: print its message again."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path and os.path.isfile(path) and os.path.getsize(path):
+        with open(path) as f:
+            print(f"error: {f.read()}", file=sys.stderr, flush=True)

@@ -103,6 +103,8 @@ def test_mobilenet_freeze_at_out_of_range_is_named():
      "error: command-line override: Non-existent key: MODEL.KS.TEACHERS"),
     (["--config-file", "configs/quickstart/ks_trees.yaml", "MODEL.KS.MODE", "quad"],
      "error: Invalid config MODEL.KS.MODE='quad': choose one of ('triple', 'share_v', 'share_a')"),
+    (["--num-gpus", "2", "--config-file", "configs/quickstart/ks_trees.yaml", "MODEL.DEVICE", "cpu", "MODEL.KS.MODE",
+      "quad"], "error: Invalid config MODEL.KS.MODE='quad'"),  # two workers: the launcher repeats it last
 ])
 def test_train_net_config_errors_end_in_one_line(args, last):
     r = subprocess.run([sys.executable, "train_net.py", *args], cwd=REPO, capture_output=True, text=True)
