@@ -68,6 +68,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
+        teacher = teacher_only_keys(self.model)
+        if teacher:  # what tools/ks_to_student.py drops, from the model's structure
+            data["teacher_only"] = teacher
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         path = os.path.join(self.save_dir, f"{name}.pth")
@@ -285,22 +288,40 @@ def _state_dict(checkpoint):
     return sd
 
 
+def teacher_only_keys(model):
+    """Sorted state-dict keys of ``model`` that only its teachers use, from the model's structure
+    (:meth:`ks_detr.modeling.ks.KnowledgeSharing.teacher_parameter_names`); [] without KS."""
+    ks = getattr(model, "ks", None)
+    return sorted(ks.teacher_parameter_names(model)) if ks is not None else []
+
+
 def is_teacher_only(key):
-    """True for a state-dict key that the student (= the baseline detector) does not have: the
-    sMLP (``ks_smlp.*``) and teacher projections (``teacher_*`` / ``*_teacher``)."""
+    """Name rule for checkpoints that do not list their teacher-only keys (converted official ones,
+    older files): the sMLP (``ks_smlp.*``) and teacher projections (``teacher_*`` / ``*_teacher``).
+    tests/test_models.py checks that it agrees with :func:`teacher_only_keys` for every family and mode."""
     parts = key.split(".")
     return parts[0] == "ks_smlp" or any(p.startswith("teacher_") or p.endswith("_teacher") for p in parts)
 
 
-def student_state_dict(state_dict):
-    """KS model state dict -> baseline state dict (same tensors, teacher-only keys dropped)."""
+def student_state_dict(state_dict, teacher_only=None):
+    """KS model state dict -> baseline state dict (same tensors, teacher-only keys dropped).
+    ``teacher_only``: the keys to drop (a checkpoint's list); None = :func:`is_teacher_only`."""
+    if teacher_only is not None:
+        drop = set(teacher_only)
+        return {k: v for k, v in state_dict.items() if k not in drop}
     return {k: v for k, v in state_dict.items() if not is_teacher_only(k)}
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, with_teacher_keys=False):
     """The state dict of a torch checkpoint file (``{"model": state_dict, ...}`` or a bare state dict),
-    read with ``weights_only=True``; :class:`CheckpointError` naming ``path`` if it is not one."""
+    read with ``weights_only=True``; :class:`CheckpointError` naming ``path`` if it is not one.
+    ``with_teacher_keys``: also return the file's ``teacher_only`` list (None if it has none)."""
     try:
-        return _state_dict(_read_torch(path))
+        checkpoint = _read_torch(path)
+        sd = _state_dict(checkpoint)
     except _Problem as e:
         raise CheckpointError(f"{path}: {e}") from e
+    if not with_teacher_keys:
+        return sd
+    teacher = checkpoint.get("teacher_only") if isinstance(checkpoint, dict) and "model" in checkpoint else None
+    return sd, teacher

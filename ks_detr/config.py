@@ -4,16 +4,17 @@ import os
 import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY
 
 from .errors import ConfigError
+from .modeling.ks import STREAMS
 
-KS_MODES = ("triple", "share_v", "share_a")
+KS_MODES = tuple(STREAMS)  # the modes are the keys of the stream table (ks_detr/modeling/ks)
 MASK_SAMPLINGS = ("bilinear", "area")
 OPTIMIZERS = ("ADAMW", "SGD")
 CLIP_TYPES = ("full_model", "value", "norm")
 AMP_DTYPES = ("", "bfloat16", "float16")
 ACTIVATIONS = ("relu", "prelu", "gelu")
-TWO_STAGE_ARCHS = ("DNDeformableDETR", "KSDNDeformableDETR")
 
 
 def add_ks_detr_config(cfg):
@@ -52,7 +53,9 @@ def add_ks_detr_config(cfg):
 
     cfg.MODEL.KS = CN()
     _K = cfg.MODEL.KS
-    _K.ENABLED = False  # knowledge-sharing teachers in training (inference is always the student)
+    # knowledge-sharing teachers in training (inference is always the student): True | False | None (unset:
+    # off, except that the KS* names of META_ARCHITECTURE turn it on; KS* with False is an error)
+    _K.ENABLED = None
     _K.MODE = "triple"  # triple | share_v (teacher weights only) | share_a (teacher values only)
     _K.ENCODER_LAYERS = [-1]  # encoder layers with triple attention (python indices, -1 = last)
     _K.TEACHER_DECODER_LAYERS = 1  # last N decoder layers of each teacher pass that get a loss
@@ -106,14 +109,13 @@ def check_ks_detr_config(cfg):
         _fail("MODEL.DETR.ACTIVATION", d.ACTIVATION, f"choose one of {ACTIVATIONS}")
     if d.NUM_TOPK_TEST < 1:
         _fail("MODEL.DETR.NUM_TOPK_TEST", d.NUM_TOPK_TEST, "must be >= 1")
-    if d.TWO_STAGE and cfg.MODEL.META_ARCHITECTURE not in TWO_STAGE_ARCHS:
-        _fail("MODEL.DETR.TWO_STAGE", d.TWO_STAGE,
-              f"query selection is implemented for {TWO_STAGE_ARCHS}, not {cfg.MODEL.META_ARCHITECTURE}")
     if d.DN.GROUPS < 0:
         _fail("MODEL.DETR.DN.GROUPS", d.DN.GROUPS, "must be >= 0")
     for key in ("LABEL_NOISE", "BOX_NOISE"):
         if not 0.0 <= d.DN[key] <= 1.0:
             _fail(f"MODEL.DETR.DN.{key}", d.DN[key], "must be in [0, 1]")
+    if ks.ENABLED not in (None, True, False):
+        _fail("MODEL.KS.ENABLED", ks.ENABLED, "must be True, False or None (unset)")
     if ks.MODE not in KS_MODES:
         _fail("MODEL.KS.MODE", ks.MODE, f"choose one of {KS_MODES}")
     if not ks.ENCODER_LAYERS:
@@ -166,4 +168,16 @@ def load_config(config_file, opts=()):
     except (KeyError, ValueError, AssertionError, SyntaxError) as e:
         raise ConfigError(f"command-line override: {str(e).strip(chr(39))}") from e  # yacs names the key
     check_ks_detr_config(cfg)
+    return cfg
+
+
+def student_config(cfg):
+    """A copy of ``cfg`` that builds the plain student (the baseline detector): ``MODEL.KS.ENABLED``
+    False and a ``KS*`` meta-architecture name replaced by its family's."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    if getattr(arch, "FORCES_KS", False):
+        cfg.MODEL.META_ARCHITECTURE = arch.__mro__[1].__name__
+    cfg.MODEL.KS.ENABLED = False
     return cfg

@@ -43,7 +43,27 @@ def test_ks_meta_arch_name_turns_teachers_on():
     cfg = make_cfg("configs/conditional_detr_r50.yaml", "MODEL.META_ARCHITECTURE", "KSConditionalDETR",
                    "MODEL.DETR.NUM_QUERIES", 10)
     model = build_model(cfg)
-    assert model.ks_enabled and hasattr(model, "ks_smlp")
+    assert cfg.MODEL.KS.ENABLED is None and model.ks_enabled and hasattr(model, "ks_smlp")
+
+
+def test_ks_meta_arch_name_with_ks_disabled_is_a_contradiction():
+    """One switch: a KS* name with MODEL.KS.ENABLED False is an error naming both, not silently KS."""
+    cfg = make_cfg("configs/conditional_detr_r50.yaml", "MODEL.META_ARCHITECTURE", "KSConditionalDETR",
+                   "MODEL.KS.ENABLED", False, "MODEL.DETR.NUM_QUERIES", 10)
+    with pytest.raises(ValueError, match="MODEL.KS.ENABLED=False: MODEL.META_ARCHITECTURE=KSConditionalDETR .* "
+                                         "use ConditionalDETR"):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("arch", ["KSConditionalDETR", "KSDABDETR", "KSDNDETR", "KSDeformableDETR",
+                                  "KSDNDeformableDETR", "DABDETR"])
+def test_student_config_builds_the_baseline(arch):
+    from ks_detr.config import student_config
+
+    cfg = make_cfg("configs/conditional_detr_r50.yaml", "MODEL.META_ARCHITECTURE", arch, "MODEL.KS.ENABLED", True)
+    student = student_config(cfg)
+    assert student.MODEL.META_ARCHITECTURE == arch.removeprefix("KS") and student.MODEL.KS.ENABLED is False
+    assert cfg.MODEL.META_ARCHITECTURE == arch and cfg.MODEL.KS.ENABLED  # the original is left alone
 
 
 def test_unknown_key_is_rejected_with_its_name(tmp_path):

@@ -221,6 +221,14 @@ def test_two_stage_training_losses_every_stream():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_two_stage_only_where_implemented():
-    with pytest.raises(ValueError, match="MODEL.DETR.TWO_STAGE=True"):
-        make_cfg("configs/conditional_detr_r50.yaml", "MODEL.DETR.TWO_STAGE", True)
+@pytest.mark.parametrize("config,supported", [("conditional_detr_r50", False), ("dab_detr_r50", False),
+                                               ("dn_detr_r50", False), ("deformable_detr_r50", False),
+                                               ("dn_deformable_detr_r50", True), ("ks_dn_deformable_detr_r50", True)])
+def test_two_stage_only_where_implemented(config, supported):
+    """The family's capability flag decides (no list of class names): a clear error elsewhere."""
+    cfg = make_cfg(f"configs/{config}.yaml", "MODEL.DETR.TWO_STAGE", True, *SMALL)
+    if supported:
+        assert build_model(cfg).SUPPORTS_TWO_STAGE
+    else:
+        with pytest.raises(ValueError, match="MODEL.DETR.TWO_STAGE=True: query selection is not implemented"):
+            build_model(cfg)

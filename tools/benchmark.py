@@ -22,7 +22,6 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ks_detr  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -42,7 +41,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--config-file", required=True, help="KS config")
     parser.add_argument(
-        "--baseline-config", help="default: the KS config with MODEL.KS.ENABLED False"
+        "--baseline-config", help="default: the KS config with knowledge sharing off"
     )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=512, help="square image side in pixels")
@@ -59,18 +58,12 @@ def parse_args(argv=None):
 
 
 def build_cfg(args, which):
-    """Frozen config of ``which`` model: random init, ``--device``, the overrides."""
-    cfg = get_cfg()
-    ks_detr.add_ks_detr_config(cfg)
-    cfg.merge_from_file(
-        args.baseline_config if which == "baseline" and args.baseline_config else args.config_file
-    )
+    """Frozen config of ``which`` model (``ks_detr.load_config``): random init, ``--device``, the overrides;
+    the baseline is ``--baseline-config`` or else the KS config with knowledge sharing off."""
+    path = args.baseline_config if which == "baseline" and args.baseline_config else args.config_file
+    cfg = ks_detr.load_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *args.opts])
     if which == "baseline" and not args.baseline_config:
-        cfg.MODEL.KS.ENABLED = False
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = args.device
-    cfg.merge_from_list(args.opts)
-    ks_detr.check_ks_detr_config(cfg)
+        cfg = ks_detr.config.student_config(cfg)
     cfg.freeze()
     return cfg
 

@@ -30,8 +30,8 @@ def main(argv=None):
 def run(parser, args):
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         parser.error(f"output {args.output!r} would overwrite the input")
-    model = load_checkpoint(args.input)
-    student = student_state_dict(model)
+    model, teacher_only = load_checkpoint(args.input, with_teacher_keys=True)
+    student = student_state_dict(model, teacher_only)  # train_net's checkpoints list their teacher keys
     dropped = sorted(set(model) - set(student))
     if not dropped:
         parser.error(f"{args.input} has no teacher parameters: is it a KS checkpoint?")

@@ -20,7 +20,6 @@ runs one KS training-style forward (teachers need GT boxes) without dropout or g
   level, marker area proportional to the attention weight.
 """
 import argparse
-import contextlib
 import os
 import sys
 import textwrap
@@ -44,8 +43,6 @@ from ks_detr.checkpoint import AtomicCheckpointer  # noqa: E402
 from ks_detr.data.custom import register_checked_coco  # noqa: E402
 from ks_detr.data.images import read_image  # noqa: E402
 from ks_detr.errors import report_user_errors  # noqa: E402
-from ks_detr.modeling.ks import DeformableTripleAttention  # noqa: E402
-from ks_detr.modeling.ks.triple_attention import stack_streams  # noqa: E402
 
 PANEL, TITLE, HEADER, DPI = 360, 44, 36, 100  # panel width, title and header heights (pixels)
 STREAM_TITLES = {  # (dense, deformable) panel titles per stream kind
@@ -60,7 +57,7 @@ LEVEL_COLORS = ("tab:red", "tab:cyan", "tab:orange", "tab:green", "tab:purple", 
 # ---- recording ------------------------------------------------------------------------------
 def resolve_layer(model, layer=None):
     """Index in [0, n) of the KS encoder layer ``layer`` (a python index; None = the last KS layer)."""
-    ks = [i for i, m in enumerate(model.encoder.layers) if getattr(m, "is_ks_layer", False)]
+    ks = sorted(model.ks.encoder_layers)
     n = len(model.encoder.layers)
     if layer is None:
         return ks[-1]
@@ -69,83 +66,12 @@ def resolve_layer(model, layer=None):
     return layer % n
 
 
-def _dense_weights(attn, x, pos, x_tilde, key_padding_mask, streams_in):
-    """Softmax weights of every stream of a :class:`TripleAttention`: (S*B, heads, N, N)."""
-    student = attn.project(x, pos, attn.in_proj_weight, attn.in_proj_bias)[:2]
-    teacher = attn.project(x_tilde, pos, attn.teacher_in_proj_weight, attn.teacher_in_proj_bias)[:2]
-    q, k = stack_streams(attn.streams, streams_in, student, teacher, attn.TEACHER_PARTS)
-    SB, N, _ = q.shape
-    q = q.view(SB, N, attn.num_heads, -1).transpose(1, 2)
-    k = k.view(SB, N, attn.num_heads, -1).transpose(1, 2)
-    logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    blocked = key_padding_mask.repeat(len(attn.streams), 1)[:, None, None, :]
-    return logits.masked_fill(blocked, float("-inf")).softmax(-1)
-
-
-def _deformable_weights(attn, x, pos, x_tilde, streams_in, ctx):
-    """Weights (S*B, N, heads, L, P) and sampling locations (S*B, N, heads, L, P, 2) of every stream
-    of a :class:`DeformableTripleAttention`."""
-    q = x + pos
-    student = (attn.weights(q, attn.attention_weights),)
-    teacher = (attn.weights(x_tilde + pos, attn.attention_weights_teacher) if "a" in attn.streams else None,)
-    (weights,) = stack_streams(attn.streams, streams_in, student, teacher, attn.TEACHER_PARTS)
-    loc = attn.locations(q, ctx.reference_points, ctx)
-    return weights, loc.repeat(len(attn.streams) // streams_in, *[1] * (loc.dim() - 1))
-
-
-def _tap(stack, obj, name, record):
-    """Shadow the bound method ``obj.name`` (inside ``stack``) by one that calls ``record(args, result)``
-    after the unchanged original; leaving ``stack`` removes the shadow."""
-    original = getattr(obj, name)
-
-    def wrapper(*args):
-        result = original(*args)
-        record(args, result)
-        return result
-
-    setattr(obj, name, wrapper)
-    stack.callback(delattr, obj, name)
-
-
-@contextlib.contextmanager
 def record_ks(model, layer_index=None):
-    """Record what KS encoder layer ``layer_index`` (default the last) sees during the forwards
-    inside the block.
-
-    Yields a dict filled by each forward: ``padded_size`` (H_pad, W_pad) and ``token_shapes``
-    [(h_l, w_l)] of the batch; the layer's ``fg`` (B, N) bool Fg-Bg mask and ``key_padding_mask``
-    (B, N); ``streams`` (kinds "s", "a", "v") and, per kind, ``attn[kind]`` (B, heads, N, N) softmax
-    weights (dense attention) or ``weights[kind]`` (B, N, heads, L, P) and ``locations[kind]``
-    (B, N, heads, L, P, 2) normalised (x, y) (deformable). The model's calls run unchanged; the
-    weights are recomputed from their inputs (SDPA returns none), so outputs are unaffected.
-    """
-    layer = model.encoder.layers[resolve_layer(model, layer_index)]
-    attn = layer.self_attn
-    rec = {"streams": attn.streams}
-
-    def on_embed(args, result):
-        rec["padded_size"] = tuple(args[1].shape[-2:])
-        rec["token_shapes"] = [tuple(s) for s in result[3]]
-
-    def on_layer(args, result):
-        rec["fg"], rec["key_padding_mask"] = args[3], args[2]
-
-    def on_attn(args, result):
-        x, pos, x_tilde, key_padding_mask, streams_in, ctx = args
-        S = len(attn.streams)
-        if isinstance(attn, DeformableTripleAttention):
-            weights, loc = _deformable_weights(attn, x, pos, x_tilde, streams_in, ctx)
-            rec["weights"] = dict(zip(attn.streams, weights.chunk(S)))
-            rec["locations"] = dict(zip(attn.streams, loc.chunk(S)))
-        else:
-            weights = _dense_weights(attn, x, pos, x_tilde, key_padding_mask, streams_in)
-            rec["attn"] = dict(zip(attn.streams, weights.chunk(S)))
-
-    with contextlib.ExitStack() as stack:
-        _tap(stack, model, "embed_features", on_embed)
-        _tap(stack, layer, "forward_ks", on_layer)
-        _tap(stack, attn, "forward_ks", on_attn)
-        yield rec
+    """Record what KS encoder layer ``layer_index`` (default the last) sees during the forwards inside
+    the block, through the model's :meth:`~ks_detr.modeling.ks.KnowledgeSharing.record` (a context
+    manager yielding ``padded_size``, ``token_shapes``, ``fg``, ``key_padding_mask``, ``streams`` and
+    ``attn`` (dense) or ``weights`` / ``locations`` (deformable) per stream kind)."""
+    return model.ks.record(model, resolve_layer(model, layer_index))
 
 
 def ks_forward(model, batched_inputs):

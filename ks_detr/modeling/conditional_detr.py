@@ -100,7 +100,7 @@ class ConditionalDETR(DETRBase):
         self.query_embed = nn.Embedding(d.NUM_QUERIES, d.HIDDEN_DIM)
         return ConditionalDecoder(d.DEC_LAYERS, d.HIDDEN_DIM, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT, d.ACTIVATION)
 
-    def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
+    def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
         query_pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)
         hs, reference = self.decoder(memory, memory_mask, pos, query_pos)
         boxes = upcast(self.bbox_embed(hs))  # reference + delta and the sigmoid in float32
@@ -110,7 +110,6 @@ class ConditionalDETR(DETRBase):
 
 @META_ARCH_REGISTRY.register()
 class KSConditionalDETR(ConditionalDETR):
-    """KS-Conditional-DETR: :class:`ConditionalDETR` with ``MODEL.KS.ENABLED`` forced on."""
+    """KS-Conditional-DETR: :class:`ConditionalDETR` knowledge sharing on (``MODEL.KS.ENABLED`` unset or True)."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg, ks_enabled=True)
+    FORCES_KS = True

@@ -69,13 +69,14 @@ class DABDETR(DETRBase):
                 xy = self.refpoint_embed.weight[:, :2]
                 xy.copy_(inverse_sigmoid(torch.rand_like(xy)))
 
-    def queries(self, targets, rows):
-        """Content queries (rows, Q, C) (zeros), anchors (rows, Q, 4), self-attention mask, dn meta."""
+    def queries(self, targets, rows, streams=1):
+        """Content queries (rows, Q, C) (zeros), anchors (rows, Q, 4), self-attention mask, dn meta;
+        rows = streams * B."""
         anchors = self.refpoint_embed.weight[None].expand(rows, -1, -1)
         return torch.zeros_like(anchors[..., :1]).expand(-1, -1, self.hidden_dim), anchors, None, None
 
-    def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
-        tgt, anchors, attn_mask, dn = self.queries(targets, memory.shape[0])
+    def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
+        tgt, anchors, attn_mask, dn = self.queries(targets, memory.shape[0], streams)
         hs, refs = self.decoder(tgt, memory, memory_mask, pos, anchors, self.bbox_embed, attn_mask)
         boxes = (self.bbox_embed(hs) + inverse_sigmoid(refs)).sigmoid()
         return hs, boxes, {"dn": dn} if dn else {}
@@ -83,7 +84,6 @@ class DABDETR(DETRBase):
 
 @META_ARCH_REGISTRY.register()
 class KSDABDETR(DABDETR):
-    """KS-DAB-DETR: :class:`DABDETR` with ``MODEL.KS.ENABLED`` forced on."""
+    """KS-DAB-DETR: :class:`DABDETR` knowledge sharing on (``MODEL.KS.ENABLED`` unset or True)."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg, ks_enabled=True)
+    FORCES_KS = True

@@ -131,7 +131,7 @@ class DeformableDETR(DETRBase):
         ctx = MultiScaleContext.from_masks(masks)
         return src, pos, key_mask, ctx.shapes, [~m for m in masks], ctx
 
-    def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
+    def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
         query_pos, tgt = self.query_embed.weight.split(self.hidden_dim, 1)
         rows = memory.shape[0]
         query_pos, tgt = query_pos[None].expand(rows, -1, -1), tgt[None].expand(rows, -1, -1)
@@ -144,10 +144,9 @@ class DeformableDETR(DETRBase):
 
 @META_ARCH_REGISTRY.register()
 class KSDeformableDETR(DeformableDETR):
-    """KS-Deformable-DETR: :class:`DeformableDETR` with ``MODEL.KS.ENABLED`` forced on."""
+    """KS-Deformable-DETR: :class:`DeformableDETR` knowledge sharing on (``MODEL.KS.ENABLED`` unset or True)."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg, ks_enabled=True)
+    FORCES_KS = True
 
 
 class DNDeformableDecoder(nn.Module):
@@ -189,6 +188,8 @@ class DNDeformableDETR(DeformableDETR):
     class score become the anchors (detached; the content queries stay learned, as DINO's mixed
     query selection), and the selected proposals get the detection loss too."""
 
+    SUPPORTS_TWO_STAGE = True
+
     def build_decoder(self, cfg):
         d = cfg.MODEL.DETR
         C = d.HIDDEN_DIM
@@ -226,6 +227,10 @@ class DNDeformableDETR(DeformableDETR):
         with torch.no_grad():
             self.refpoint_embed.weight.copy_(inverse_sigmoid(torch.rand_like(self.refpoint_embed.weight)).clamp(-3, 3))
 
+    def topk_proposals(self, scores):
+        """(B', N) proposal scores (-inf = invalid) -> (B', Q) indices of the selected proposals."""
+        return scores.topk(self.num_queries, dim=1).indices
+
     def select_proposals(self, memory, memory_mask, ctx):
         """Two-stage query selection.
 
@@ -244,12 +249,12 @@ class DNDeformableDETR(DeformableDETR):
         feats = self.enc_output(memory.masked_fill(~valid[..., None], 0.0))
         logits = self.enc_class_embed(feats)
         coords = self.enc_bbox_embed(feats) + inverse_sigmoid(proposals)
-        idx = logits.max(-1).values.masked_fill(~valid, float("-inf")).topk(self.num_queries, dim=1).indices
+        idx = self.topk_proposals(logits.max(-1).values.masked_fill(~valid, float("-inf")))
         logits = torch.gather(logits, 1, idx[..., None].expand(-1, -1, logits.shape[-1]))
         coords = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 4))
         return coords.detach(), dict(pred_logits=logits, pred_boxes=coords.sigmoid())
 
-    def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
+    def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
         rows = memory.shape[0]
         tgt = self.tgt_embed.weight
         tgt = torch.cat([tgt, torch.zeros_like(tgt[:, :1])], -1)[None].expand(rows, -1, -1)
@@ -258,7 +263,7 @@ class DNDeformableDETR(DeformableDETR):
             anchors, extras["enc"] = self.select_proposals(memory, memory_mask, ctx)
         else:
             anchors = self.refpoint_embed.weight[None].expand(rows, -1, -1)
-        tgt, anchors, attn_mask, dn = self.dn.prepend(tgt, anchors, targets)
+        tgt, anchors, attn_mask, dn = self.dn.prepend(tgt, anchors, targets, streams)
         if dn:
             extras["dn"] = dn
         hs, refs = self.decoder(tgt, anchors, memory, memory_mask, ctx, self.bbox_embed, attn_mask)
@@ -268,7 +273,6 @@ class DNDeformableDETR(DeformableDETR):
 
 @META_ARCH_REGISTRY.register()
 class KSDNDeformableDETR(DNDeformableDETR):
-    """KS-DN-Deformable-DETR: :class:`DNDeformableDETR` with ``MODEL.KS.ENABLED`` forced on."""
+    """KS-DN-Deformable-DETR: :class:`DNDeformableDETR` knowledge sharing on (``MODEL.KS.ENABLED`` unset or True)."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg, ks_enabled=True)
+    FORCES_KS = True

@@ -68,13 +68,13 @@ class DenoisingQueries(nn.Module):
         e = self.label_embed(labels)
         return torch.cat([e, torch.full_like(e[..., :1], indicator)], -1)
 
-    def prepend(self, tgt, anchors, targets):
+    def prepend(self, tgt, anchors, targets, streams=1):
         """Put this batch's denoising queries before the matching queries.
 
         Args:
             tgt, anchors: (S*B, Q, C) content queries and (S*B, Q, 4) unsigmoided anchors, where S
                 streams share one batch of B images (KS: the same noised queries for every stream).
-            targets: the B images' targets in training, else None.
+            targets: the B images' targets in training, else None; streams: S.
         Returns:
             tgt (S*B, P+Q, C), anchors (S*B, P+Q, 4), the (P+Q, P+Q) self-attention mask or None,
             and the dn metadata ``dict(groups, group_size)`` or None.
@@ -87,7 +87,6 @@ class DenoisingQueries(nn.Module):
             return tgt + 0.0 * self.label_embed.weight.sum(), anchors, None, None
         labels, boxes, g = noised_queries(targets, self.groups, self.label_noise, self.box_noise, self.num_classes)
         dn_tgt = self.content(labels, 1.0).masked_fill((labels == self.num_classes)[..., None], 0.0)
-        streams = tgt.shape[0] // len(targets)
         tgt = torch.cat([dn_tgt.repeat(streams, 1, 1), tgt], 1)
         anchors = torch.cat([inverse_sigmoid(boxes).repeat(streams, 1, 1), anchors], 1)
         mask = dn_attention_mask(self.groups, g, anchors.shape[1] - self.groups * g, tgt.device)

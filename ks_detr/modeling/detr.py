@@ -15,7 +15,7 @@ from torchvision.ops import box_convert
 
 from ..errors import ConfigError
 from .criterion import SetCriterion
-from .ks import SMLP, STREAMS, KSEncoderLayer, TripleAttention, box_canvas, fg_token_mask
+from .ks import KnowledgeSharing, KSEncoderLayer, TripleAttention, repeat_streams
 from .matcher import HungarianMatcher
 from .transformer import (
     MLP,
@@ -30,15 +30,27 @@ from .transformer import (
 class DETRBase(nn.Module):
     """Backbone -> input projection -> encoder -> (family decoder) -> class / box heads.
 
-    With ``MODEL.KS.ENABLED`` and in training, the encoder layers ``MODEL.KS.ENCODER_LAYERS`` run
-    triple attention on the GT Fg-Bg mask, the decoder runs once on the stacked student and teacher
-    memories, and every kept output gets the family's loss. In eval the model is the student only.
+    With knowledge sharing (``MODEL.KS``, owned by ``self.ks``, a :class:`KnowledgeSharing`; None
+    when off) and in training, the KS encoder layers run triple attention on the GT Fg-Bg mask, the
+    decoder runs once on the stacked student and teacher memories, and every kept output gets the
+    family's loss. In eval the model is the student only.
     """
 
-    def __init__(self, cfg, ks_enabled=None):
+    FORCES_KS = False  # the KS* names: knowledge sharing on unless MODEL.KS.ENABLED says False (an error)
+    SUPPORTS_TWO_STAGE = False  # MODEL.DETR.TWO_STAGE (query selection) is implemented by the family
+
+    def __init__(self, cfg):
         super().__init__()
         d, ks = cfg.MODEL.DETR, cfg.MODEL.KS
-        self.ks_enabled = ks.ENABLED if ks_enabled is None else ks_enabled
+        arch = type(self).__name__
+        if self.FORCES_KS and ks.ENABLED is False:
+            raise ConfigError(f"Invalid config MODEL.KS.ENABLED=False: MODEL.META_ARCHITECTURE={arch} trains with "
+                              f"knowledge sharing; use {type(self).__mro__[1].__name__} for the baseline or "
+                              "leave MODEL.KS.ENABLED unset")
+        if d.TWO_STAGE and not self.SUPPORTS_TWO_STAGE:
+            raise ConfigError(f"Invalid config MODEL.DETR.TWO_STAGE=True: query selection is not implemented "
+                              f"for MODEL.META_ARCHITECTURE={arch}")
+        self.ks_enabled = bool(ks.ENABLED) or self.FORCES_KS
         self.hidden_dim = C = d.HIDDEN_DIM
         self.num_classes = d.NUM_CLASSES
         self.num_topk = d.NUM_TOPK_TEST
@@ -57,7 +69,8 @@ class DETRBase(nn.Module):
             )
         self.input_proj = self.build_input_proj(cfg, [shapes[f] for f in self.in_features])
 
-        ks_layers = {i % d.ENC_LAYERS for i in ks.ENCODER_LAYERS} if self.ks_enabled else set()
+        self.ks = KnowledgeSharing(cfg) if self.ks_enabled else None
+        ks_layers = self.ks.encoder_layers if self.ks else frozenset()
         layer_args = (C, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT, d.ACTIVATION)
         self.encoder = TransformerEncoder(
             [KSEncoderLayer(*layer_args, attention=self.build_encoder_attention(cfg, ks.MODE)) if i in ks_layers
@@ -69,13 +82,8 @@ class DETRBase(nn.Module):
         self.class_embed, self.bbox_embed = self.build_heads(cfg)
         self.reset_parameters()
 
-        if self.ks_enabled:
-            self.ks_smlp = SMLP(C)  # outside the transformer: default nn.Linear init
-            self.ks_streams = STREAMS[ks.MODE]
-            self.ks_teacher_layers = ks.TEACHER_DECODER_LAYERS
-            self.ks_teacher_weight = ks.TEACHER_LOSS_WEIGHT
-            self.ks_pad_pixels = ks.MASK.PAD_PIXELS
-            self.ks_sampling = ks.MASK.SAMPLING
+        for name, module in (self.ks.build_modules() if self.ks else {}).items():
+            self.add_module(name, module)  # after reset_parameters: the sMLP keeps its default init
 
         matcher = HungarianMatcher(d.COST_CLASS, d.COST_BBOX, d.COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
         self.criterion = SetCriterion(matcher, d.CLASS_WEIGHT, d.BBOX_WEIGHT,
@@ -130,12 +138,13 @@ class DETRBase(nn.Module):
         """Return the family's decoder module."""
         raise NotImplementedError
 
-    def decode(self, memory, memory_mask, pos, targets=None, ctx=None):
+    def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
         """Run the decoder on (stacked) memories.
 
         Args:
             memory, pos: (B', N, C); memory_mask: (B', N) True = padding; B' = streams * B.
             targets: the B images' targets in training (denoising families noise them), else None.
+            streams: S, the number of stacked streams (KS training), 1 otherwise.
             ctx: the multi-scale context of the memory (B' rows), or None.
         Returns:
             hs (L, B', P+Q, C) normalised decoder states, boxes (L, B', P+Q, 4) sigmoid cxcywh and
@@ -186,41 +195,38 @@ class DETRBase(nn.Module):
         src, pos, key_mask, token_shapes, valid_masks, ctx = self.embed_features(features, pixel_mask)
         B = src.shape[0]
 
-        ks_inputs = None
-        if self.training and self.ks_enabled:
+        ks = None
+        if self.training and self.ks is not None:
             gt = [x["instances"].gt_boxes.tensor.to(self.device) for x in batched_inputs]
-            canvas = box_canvas(gt, images.image_sizes, images.tensor.shape[-2:], self.ks_pad_pixels)
-            fg = fg_token_mask(canvas, token_shapes, valid_masks, self.ks_sampling)
-            ks_inputs = (fg, self.ks_smlp)
-        memory = self.encoder(src, pos, key_mask, ks_inputs, ctx)
-        S = memory.shape[0] // B
+            ks = self.ks.batch(gt, images.image_sizes, images.tensor.shape[-2:], token_shapes, valid_masks)
+        memory = self.encoder(src, pos, key_mask, ks, ctx)
+        S = ks.num_streams if ks else 1
         targets = self.prepare_targets(batched_inputs) if self.training else None
         ctx = None if ctx is None else ctx.repeat(S)
-        hs, boxes, extras = self.decode(memory, key_mask.repeat(S, 1), pos.repeat(S, 1, 1), targets, ctx)
+        hs, boxes, extras = self.decode(memory, repeat_streams(key_mask, S), repeat_streams(pos, S), targets, ctx, S)
         logits = self.predict_logits(hs)
 
         if self.training:
-            return self.criterion(self.loss_outputs(logits, boxes, B, extras), targets)
+            return self.criterion(self.loss_outputs(logits, boxes, B, S, extras), targets)
         return self.inference(logits[-1], boxes[-1], images.image_sizes, batched_inputs)
 
-    def loss_outputs(self, logits, boxes, batch, extras):
+    def loss_outputs(self, logits, boxes, batch, streams, extras):
         """Outputs that get a loss: the student's last layer (no suffix), its earlier layers
         (``_i``) and the last ``TEACHER_DECODER_LAYERS`` of every teacher (``_ks_{a|v}[_i]``); with
         two-stage query selection also every stream's encoder proposals (``_enc[_ks_{a|v}]``).
 
-        logits: (L, S*B, P+Q, K), boxes: (L, S*B, P+Q, 4); the P leading denoising queries
-        (``extras["dn"]``) become each output's "dn" entry.
+        logits: (L, S*B, P+Q, K), boxes: (L, S*B, P+Q, 4), S = ``streams``; the P leading denoising
+        queries (``extras["dn"]``) become each output's "dn" entry. Which teacher outputs are kept is
+        planned by :meth:`KnowledgeSharing.teacher_outputs`.
         """
-        L, S = logits.shape[0], logits.shape[1] // batch
+        L = logits.shape[0]
         dn = extras.get("dn")
         P = dn["groups"] * dn["group_size"] if dn else 0
         kept = [(L - 1, 0, "", 1.0)]
         if self.aux_loss:
             kept += [(i, 0, f"_{i}", 1.0) for i in range(L - 1)]
-        for s in range(1, S):
-            for i in range(L - self.ks_teacher_layers, L):
-                suffix = f"_ks_{self.ks_streams[s]}" + ("" if i == L - 1 else f"_{i}")
-                kept.append((i, s, suffix, self.ks_teacher_weight))
+        if streams > 1:
+            kept += self.ks.teacher_outputs(L)
         outputs = []
         for i, s, suffix, weight in kept:
             lg, bx = logits[i, s * batch : (s + 1) * batch], boxes[i, s * batch : (s + 1) * batch]
@@ -229,9 +235,9 @@ class DETRBase(nn.Module):
                 out["dn"] = dict(dn, pred_logits=lg[:, :P], pred_boxes=bx[:, :P])
             outputs.append(out)
         enc = extras.get("enc")
-        for s in range(S if enc else 0):
+        for s in range(streams if enc else 0):
             rows = slice(s * batch, (s + 1) * batch)
-            suffix, weight = ("_enc", 1.0) if s == 0 else (f"_enc_ks_{self.ks_streams[s]}", self.ks_teacher_weight)
+            suffix, weight = ("_enc", 1.0) if s == 0 else ("_enc" + self.ks.suffix(s), self.ks.teacher_weight)
             outputs.append(dict(pred_logits=enc["pred_logits"][rows], pred_boxes=enc["pred_boxes"][rows],
                                 suffix=suffix, weight=weight))
         return outputs

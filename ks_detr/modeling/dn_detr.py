@@ -21,17 +21,16 @@ class DNDETR(DABDETR):
         self.dn = DenoisingQueries(cfg)
         return super().build_decoder(cfg)
 
-    def queries(self, targets, rows):
+    def queries(self, targets, rows, streams=1):
         Q = self.refpoint_embed.num_embeddings
         unknown = torch.full((Q,), self.num_classes, dtype=torch.int64, device=self.device)
         tgt = self.dn.content(unknown, 0.0)[None].expand(rows, -1, -1)
         anchors = self.refpoint_embed.weight[None].expand(rows, -1, -1)
-        return self.dn.prepend(tgt, anchors, targets)
+        return self.dn.prepend(tgt, anchors, targets, streams)
 
 
 @META_ARCH_REGISTRY.register()
 class KSDNDETR(DNDETR):
-    """KS-DN-DETR: :class:`DNDETR` with ``MODEL.KS.ENABLED`` forced on."""
+    """KS-DN-DETR: :class:`DNDETR` knowledge sharing on (``MODEL.KS.ENABLED`` unset or True)."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg, ks_enabled=True)
+    FORCES_KS = True

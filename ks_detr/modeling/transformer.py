@@ -222,9 +222,10 @@ class TransformerEncoderLayer(nn.Module):
 class TransformerEncoder(nn.Module):
     """A stack of encoder layers; knowledge-sharing layers may widen the batch into streams.
 
-    ``layers[i]`` may be a :class:`ks_detr.modeling.ks.KSEncoderLayer`, which in training with a
-    foreground mask turns ``(B, N, C)`` into ``(S*B, N, C)``; later layers then run on all streams.
-    With ``pos_scale`` (DAB-DETR) every layer sees ``pos * pos_scale(x)``.
+    In KS training (``ks``, a :class:`ks_detr.modeling.ks.KSBatch`) the layers ``ks.layers`` are
+    :class:`ks_detr.modeling.ks.KSEncoderLayer` and turn ``(B, N, C)`` into ``(S*B, N, C)``,
+    S = ``ks.num_streams``; later layers then run on all streams. With ``pos_scale`` (DAB-DETR)
+    every layer sees ``pos * pos_scale(x)``.
     """
 
     def __init__(self, layers, pos_scale=None):
@@ -232,21 +233,21 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.query_scale = pos_scale
 
-    def forward(self, x, pos, key_padding_mask, ks_inputs=None, ctx=None):
+    def forward(self, x, pos, key_padding_mask, ks=None, ctx=None):
         """x, pos: (B, N, C), key_padding_mask (B, N) -> (S*B, N, C), S = 1 without teachers.
 
-        ``ks_inputs``: ``(fg_mask (B, N) bool, smlp module)`` in KS training, else None.
         ``ctx``: multi-scale token layout (:class:`~ks_detr.modeling.deformable_attention.MultiScaleContext`).
         """
-        batch, streams = x.shape[0], 1
+        streams = 1
         pos_s, mask_s, ctx_s = pos, key_padding_mask, ctx  # repeated once per stream
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             layer_pos = pos_s if self.query_scale is None else pos_s * self.query_scale(x)
-            if ks_inputs is not None and getattr(layer, "is_ks_layer", False):
-                x = layer.forward_ks(x, layer_pos, key_padding_mask, *ks_inputs, streams, ctx_s)
-                if x.shape[0] // batch != streams:
-                    streams = x.shape[0] // batch
-                    pos_s, mask_s = pos.repeat(streams, 1, 1), key_padding_mask.repeat(streams, 1)
+            if ks is not None and i in ks.layers:
+                x = layer.forward_ks(x, layer_pos, key_padding_mask, ks.fg, ks.smlp, streams, ctx_s)
+                if streams == 1:
+                    streams = ks.num_streams
+                    pos_s = pos.repeat(streams, 1, 1)
+                    mask_s = key_padding_mask.repeat(streams, 1)
                     ctx_s = None if ctx is None else ctx.repeat(streams)
             else:
                 x = layer(x, layer_pos, mask_s, ctx_s)

@@ -1,17 +1,18 @@
 """Triple attention (student + two teachers) and the knowledge-sharing encoder layer.
 
-Streams are stacked along the batch axis, stream-major: ``(S*B, N, C)``. Stream kinds:
-``"s"`` student (A V), ``"a"`` teacher attention weights with student values (A' V),
-``"v"`` student attention weights with teacher values (A V'). With teachers on, every stream
-runs through one SDPA call and one shared out-projection, norm and FFN.
+Streams are stacked along the batch axis, stream-major: ``(S*B, N, C)``; their kinds
+(:data:`~ks_detr.modeling.ks.sharing.STREAMS`): ``"s"`` student (A V), ``"a"`` teacher attention
+weights with student values (A' V), ``"v"`` student attention weights with teacher values (A V').
+With teachers on, every stream runs through one SDPA call and one shared out-projection, norm and FFN.
+Each module lists its teacher-only parameters in ``TEACHER_PARAMETERS`` (dropped from a student
+checkpoint) and calls ``observer`` (if set, :meth:`KnowledgeSharing.record`) with its per-stream weights.
 """
 import torch
 from torch import nn
 
 from ..deformable_attention import MSDeformAttn, deformable_sample
 from ..transformer import MultiheadAttention, TransformerEncoderLayer, multihead_attention
-
-STREAMS = {"triple": ("s", "a", "v"), "share_v": ("s", "a"), "share_a": ("s", "v")}
+from .sharing import STREAMS, repeat_streams
 
 
 def stack_streams(kinds, streams_in, student, teacher, teacher_parts):
@@ -44,10 +45,12 @@ class TripleAttention(MultiheadAttention):
     """
 
     TEACHER_PARTS = {"s": (), "a": (0, 1), "v": (2,)}  # (q, k, v) taken from the teacher
+    TEACHER_PARAMETERS = ("teacher_in_proj_weight", "teacher_in_proj_bias")
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, mode="triple"):
         super().__init__(embed_dim, num_heads, dropout)
         self.streams = STREAMS[mode]
+        self.observer = None
         self.teacher_in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.teacher_in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
         self.reset_teacher()
@@ -73,8 +76,20 @@ class TripleAttention(MultiheadAttention):
         teacher = self.project(x_tilde, pos, self.teacher_in_proj_weight, self.teacher_in_proj_bias)
         q, k, v = stack_streams(self.streams, streams_in, student, teacher, self.TEACHER_PARTS)
         drop = self.dropout if self.training else 0.0
-        out = multihead_attention(q, k, v, self.num_heads, key_padding_mask.repeat(len(self.streams), 1), drop)
-        return self.out_proj(out)
+        mask = repeat_streams(key_padding_mask, len(self.streams))
+        if self.observer is not None:
+            self.observer(self.stream_weights(q, k, mask))
+        return self.out_proj(multihead_attention(q, k, v, self.num_heads, mask, drop))
+
+    def stream_weights(self, q, k, key_padding_mask):
+        """Softmax weights of the stacked streams' q, k (S*B, N, C) -> ``dict(attn={kind: (B, heads, N, N)})``."""
+        SB, N, _ = q.shape
+        q = q.view(SB, N, self.num_heads, -1).transpose(1, 2)
+        k = k.view(SB, N, self.num_heads, -1).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        weights = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf")).softmax(-1)
+        return {"key_padding_mask": key_padding_mask.chunk(len(self.streams))[0],
+                "attn": dict(zip(self.streams, weights.chunk(len(self.streams))))}
 
 
 class KSEncoderLayer(TransformerEncoderLayer):
@@ -82,19 +97,16 @@ class KSEncoderLayer(TransformerEncoderLayer):
     deformable one); the residual, norms and FFN are shared by all streams. Without a foreground
     mask it is the plain student layer."""
 
-    is_ks_layer = True
-
     def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, mode="triple", attention=None):
         super().__init__(d_model, nhead, dim_feedforward, dropout, activation,
                          attention=attention or TripleAttention(d_model, nhead, dropout, mode))
 
     def forward_ks(self, x, pos, key_padding_mask, fg_mask, smlp, streams_in, ctx=None):
         """x, pos: (S_in*B, N, C), masks (B, N) -> (S*B, N, C)."""
-        x_tilde = smlp(x, fg_mask.repeat(streams_in, 1))
+        x_tilde = smlp(x, repeat_streams(fg_mask, streams_in))
         attn = self.self_attn.forward_ks(x, pos, x_tilde, key_padding_mask, streams_in, ctx)
         S = len(self.self_attn.streams)
-        residual = x if streams_in == S else x.repeat(S, 1, 1)
-        return self.finish(residual, attn)
+        return self.finish(x if streams_in == S else repeat_streams(x, S), attn)
 
 
 class DeformableTripleAttention(MSDeformAttn):
@@ -105,10 +117,12 @@ class DeformableTripleAttention(MSDeformAttn):
     values), so every parameter gets a gradient (no unused parameters under DDP)."""
 
     TEACHER_PARTS = {"s": (), "a": (0,), "v": (1,)}  # (weights, values) taken from the teacher
+    TEACHER_PARAMETERS = ("attention_weights_teacher", "value_proj_teacher")
 
     def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, mode="triple"):
         super().__init__(d_model, n_levels, n_heads, n_points)
         self.streams = STREAMS[mode]
+        self.observer = None
         if "a" in self.streams:
             self.attention_weights_teacher = nn.Linear(d_model, n_heads * n_levels * n_points)
         if "v" in self.streams:
@@ -127,12 +141,16 @@ class DeformableTripleAttention(MSDeformAttn):
     def forward_ks(self, x, pos, x_tilde, key_padding_mask, streams_in, ctx):
         """x, pos, x_tilde: (S_in*B, N, C); key_padding_mask (B, N); ctx for S_in*B rows -> (S*B, N, C)."""
         S = len(self.streams)
-        mask = key_padding_mask.repeat(streams_in, 1)
+        mask = repeat_streams(key_padding_mask, streams_in)
         q = x + pos
         loc = self.locations(q, ctx.reference_points, ctx)
         student = (self.weights(q, self.attention_weights), self.values(x, mask, self.value_proj))
         teacher = (self.weights(x_tilde + pos, self.attention_weights_teacher) if "a" in self.streams else None,
                    self.values(x_tilde, mask, self.value_proj_teacher) if "v" in self.streams else None)
         weights, values = stack_streams(self.streams, streams_in, student, teacher, self.TEACHER_PARTS)
-        loc = loc.repeat(S // streams_in, *[1] * (loc.dim() - 1))
+        loc = repeat_streams(loc, S // streams_in)
+        if self.observer is not None:
+            self.observer(dict(key_padding_mask=key_padding_mask,
+                               weights=dict(zip(self.streams, weights.chunk(S))),
+                               locations=dict(zip(self.streams, loc.chunk(S)))))
         return self.output_proj(deformable_sample(values, ctx.shapes, loc, weights))
