@@ -98,16 +98,10 @@ class DeformableDETR(DETRBase):
                                  d.ACTIVATION, d.NUM_FEATURE_LEVELS, d.DEFORMABLE_POINTS)
 
     def reset_parameters(self):
-        """Official: xavier transformer matrices, then deformable-attention init, xavier
-        reference-point head, normal level embedding, box-size bias -2, xavier input convs."""
-        self.reset_deformable()
-        nn.init.xavier_uniform_(self.reference_points.weight)
-        nn.init.zeros_(self.reference_points.bias)
-        nn.init.constant_(self.bbox_embed.layers[-1].bias[2:], -2.0)
-
-    def reset_deformable(self):
-        """The init shared by the deformable families."""
-        DETRBase.reset_parameters(self)
+        """Official: xavier transformer matrices, then deformable-attention init, normal level
+        embedding, xavier input convs (shared by the deformable families), then the family's query
+        and head init (:meth:`reset_queries`)."""
+        super().reset_parameters()
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()  # the student part; teachers were reset by DETRBase
@@ -115,6 +109,13 @@ class DeformableDETR(DETRBase):
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight)
             nn.init.zeros_(proj[0].bias)
+        self.reset_queries()
+
+    def reset_queries(self):
+        """Deformable DETR: xavier reference-point head, box-size bias -2."""
+        nn.init.xavier_uniform_(self.reference_points.weight)
+        nn.init.zeros_(self.reference_points.bias)
+        nn.init.constant_(self.bbox_embed.layers[-1].bias[2:], -2.0)
 
     def embed_features(self, features, pixel_mask):
         srcs = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
@@ -213,10 +214,9 @@ class DNDeformableDETR(DeformableDETR):
     def predict_logits(self, hs):
         return torch.stack([head(h) for head, h in zip(self.class_embed, hs)])
 
-    def reset_parameters(self):
+    def reset_queries(self):
         """As detrex: zero content queries, uniform anchors (in sigmoid space, logits clamped to
         [-3, 3]); only the first box head starts with the -2 size bias."""
-        self.reset_deformable()
         nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
         nn.init.zeros_(self.tgt_embed.weight)
         if self.two_stage:  # proposal heads as the decoder heads: focal prior, zero box delta
