@@ -298,7 +298,7 @@ def teacher_only_keys(model):
 def is_teacher_only(key):
     """Name rule for checkpoints that do not list their teacher-only keys (converted official ones,
     older files): the sMLP (``ks_smlp.*``) and teacher projections (``teacher_*`` / ``*_teacher``).
-    tests/test_models.py checks that it agrees with :func:`teacher_only_keys` for every family and mode."""
+    tests/test_knowledge_sharing.py checks that it agrees with :func:`teacher_only_keys` for every family and mode."""
     parts = key.split(".")
     return parts[0] == "ks_smlp" or any(p.startswith("teacher_") or p.endswith("_teacher") for p in parts)
 
@@ -306,10 +306,8 @@ def is_teacher_only(key):
 def student_state_dict(state_dict, teacher_only=None):
     """KS model state dict -> baseline state dict (same tensors, teacher-only keys dropped).
     ``teacher_only``: the keys to drop (a checkpoint's list); None = :func:`is_teacher_only`."""
-    if teacher_only is not None:
-        drop = set(teacher_only)
-        return {k: v for k, v in state_dict.items() if k not in drop}
-    return {k: v for k, v in state_dict.items() if not is_teacher_only(k)}
+    drop = set(teacher_only) if teacher_only is not None else {k for k in state_dict if is_teacher_only(k)}
+    return {k: v for k, v in state_dict.items() if k not in drop}
 
 
 def load_checkpoint(path, with_teacher_keys=False):

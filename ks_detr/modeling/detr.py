@@ -50,7 +50,6 @@ class DETRBase(nn.Module):
         if d.TWO_STAGE and not self.SUPPORTS_TWO_STAGE:
             raise ConfigError(f"Invalid config MODEL.DETR.TWO_STAGE=True: query selection is not implemented "
                               f"for MODEL.META_ARCHITECTURE={arch}")
-        self.ks_enabled = bool(ks.ENABLED) or self.FORCES_KS
         self.hidden_dim = C = d.HIDDEN_DIM
         self.num_classes = d.NUM_CLASSES
         self.num_topk = d.NUM_TOPK_TEST
@@ -69,7 +68,7 @@ class DETRBase(nn.Module):
             )
         self.input_proj = self.build_input_proj(cfg, [shapes[f] for f in self.in_features])
 
-        self.ks = KnowledgeSharing(cfg) if self.ks_enabled else None
+        self.ks = KnowledgeSharing(cfg) if ks.ENABLED or self.FORCES_KS else None
         ks_layers = self.ks.encoder_layers if self.ks else frozenset()
         layer_args = (C, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT, d.ACTIVATION)
         self.encoder = TransformerEncoder(
@@ -171,6 +170,11 @@ class DETRBase(nn.Module):
             nn.init.zeros_(head.layers[-1].bias)
 
     # ---- forward --------------------------------------------------------------------------
+    @property
+    def ks_enabled(self):
+        """True if the model trains with knowledge sharing (``self.ks`` is its owner)."""
+        return self.ks is not None
+
     @property
     def device(self):
         return self.pixel_mean.device

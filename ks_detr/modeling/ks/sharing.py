@@ -103,18 +103,11 @@ class KnowledgeSharing:
                 for i in range(num_layers - self.teacher_layers, num_layers)]
 
     def teacher_parameter_names(self, model):
-        """State-dict keys of ``model`` that only the teachers use: the sMLP and every parameter a KS
-        module declares in ``TEACHER_PARAMETERS`` (names of its own parameters or submodules)."""
-        keys = set()
-        sd = model.state_dict(keep_vars=True)
-        for prefix, module in model.named_modules():
-            names = list(getattr(module, "TEACHER_PARAMETERS", ()))
-            if module is self.smlp:
-                names = [""]
-            for name in names:
-                stem = ".".join(p for p in (prefix, name) if p)
-                keys |= {k for k in sd if k == stem or k.startswith(stem + ".")}
-        return keys
+        """State-dict keys of ``model`` that only the teachers use: what every module (the sMLP, the
+        triple attentions) declares in ``TEACHER_PARAMETERS`` (names of its own parameters or submodules)."""
+        stems = [".".join(p for p in (prefix, name) if p) for prefix, module in model.named_modules()
+                 for name in getattr(module, "TEACHER_PARAMETERS", ())]
+        return {k for k in model.state_dict() for stem in stems if k == stem or k.startswith(stem + ".")}
 
     @contextlib.contextmanager
     def record(self, model, layer):

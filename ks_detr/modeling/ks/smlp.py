@@ -5,7 +5,10 @@ from torch import nn
 
 class SMLP(nn.Module):
     """x~ = x + m * (ReLU(W x + b) - x): foreground tokens are replaced by ReLU(Wx+b),
-    background and padding tokens pass unchanged. One instance is shared model-wide."""
+    background and padding tokens pass unchanged. One instance is shared model-wide; all of it is
+    teacher-only."""
+
+    TEACHER_PARAMETERS = ("linear",)
 
     def __init__(self, dim):
         super().__init__()

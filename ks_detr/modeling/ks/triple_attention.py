@@ -82,7 +82,8 @@ class TripleAttention(MultiheadAttention):
         return self.out_proj(multihead_attention(q, k, v, self.num_heads, mask, drop))
 
     def stream_weights(self, q, k, key_padding_mask):
-        """Softmax weights of the stacked streams' q, k (S*B, N, C) -> ``dict(attn={kind: (B, heads, N, N)})``."""
+        """Softmax weights of the stacked streams' q, k (S*B, N, C), key_padding_mask (S*B, N) ->
+        ``dict(key_padding_mask=(B, N), attn={kind: (B, heads, N, N)})``."""
         SB, N, _ = q.shape
         q = q.view(SB, N, self.num_heads, -1).transpose(1, 2)
         k = k.view(SB, N, self.num_heads, -1).transpose(1, 2)
