@@ -11,6 +11,7 @@ from .modeling.ks import STREAMS
 
 KS_MODES = tuple(STREAMS)  # the modes are the keys of the stream table (ks_detr/modeling/ks)
 MASK_SAMPLINGS = ("bilinear", "area")
+TEACHER_PROPOSALS = ("own", "student")
 OPTIMIZERS = ("ADAMW", "SGD")
 CLIP_TYPES = ("full_model", "value", "norm")
 AMP_DTYPES = ("", "bfloat16", "float16")
@@ -60,6 +61,11 @@ def add_ks_detr_config(cfg):
     _K.ENCODER_LAYERS = [-1]  # encoder layers with triple attention (python indices, -1 = last)
     _K.TEACHER_DECODER_LAYERS = 1  # last N decoder layers of each teacher pass that get a loss
     _K.TEACHER_LOSS_WEIGHT = 1.0  # multiplier of the teacher outputs' losses (official: 1.0)
+    # with MODEL.DETR.TWO_STAGE: "own" (each teacher stream selects the top-k proposals of its own memory,
+    # and each stream's proposals get the _enc loss) | "student" (the teachers decode the student's selected
+    # anchors, as the official code gives every pass identical decoder inputs; only the student's proposals get
+    # the _enc loss)
+    _K.TEACHER_PROPOSALS = "own"
     _K.MASK = CN()
     _K.MASK.PAD_PIXELS = 0  # grow every GT box by this many input pixels per side
     _K.MASK.SAMPLING = "bilinear"  # bilinear (official, align_corners) | area (any overlap)
@@ -134,6 +140,8 @@ def check_ks_detr_config(cfg):
               "more than one teacher layer needs MODEL.DETR.AUX_LOSS=True")
     if ks.TEACHER_LOSS_WEIGHT < 0:
         _fail("MODEL.KS.TEACHER_LOSS_WEIGHT", ks.TEACHER_LOSS_WEIGHT, "must be >= 0")
+    if ks.TEACHER_PROPOSALS not in TEACHER_PROPOSALS:
+        _fail("MODEL.KS.TEACHER_PROPOSALS", ks.TEACHER_PROPOSALS, f"choose one of {TEACHER_PROPOSALS}")
     if ks.MASK.PAD_PIXELS < 0:
         _fail("MODEL.KS.MASK.PAD_PIXELS", ks.MASK.PAD_PIXELS, "must be >= 0")
     if ks.MASK.SAMPLING not in MASK_SAMPLINGS:

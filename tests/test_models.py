@@ -221,6 +221,37 @@ def test_two_stage_training_losses_every_stream():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_teachers_decode_the_students_proposals_when_asked():
+    """MODEL.KS.TEACHER_PROPOSALS: "own" lets every stream select from its own memory (the teachers'
+    anchors differ); "student" gives every teacher pass the student's anchors (the same as the student's
+    in "own": its memory does not depend on the switch) and keeps only the student's ``_enc`` loss."""
+    seen, losses = {}, {}
+    for choice in ("own", "student"):
+        torch.manual_seed(0)
+        model = build_model(make_cfg("configs/ks_dn_deformable_detr_r50.yaml", *TWO_STAGE,
+                                     "MODEL.KS.TEACHER_PROPOSALS", choice))
+        prepend = model.dn.prepend
+
+        def spy(tgt, anchors, targets, streams, prepend=prepend, choice=choice):
+            seen[choice] = anchors.detach().clone()
+            return prepend(tgt, anchors, targets, streams)
+
+        model.dn.prepend = spy
+        torch.manual_seed(1)
+        with EventStorage():
+            losses[choice] = model(toy_inputs(with_empty=False))
+    own, student = seen["own"].view(3, 2, 30, 4), seen["student"].view(3, 2, 30, 4)
+    assert torch.equal(student[0], own[0])
+    assert torch.equal(student[1], student[0]) and torch.equal(student[2], student[0])
+    assert not torch.equal(own[1], own[0]) and not torch.equal(own[2], own[0])
+    assert sorted(k for k in losses["student"] if "_enc" in k) == [f"loss_{n}_enc" for n in ("bbox", "class", "giou")]
+    for k in ("loss_class_enc", "loss_bbox", "loss_giou_ks_a"):  # the student's own outputs are unchanged
+        if k == "loss_giou_ks_a":
+            assert losses["student"][k] != losses["own"][k]  # the teachers decode other anchors
+        else:
+            assert torch.equal(losses["student"][k], losses["own"][k]), k
+
+
 @pytest.mark.parametrize("config,supported", [("conditional_detr_r50", False), ("dab_detr_r50", False),
                                                ("dn_detr_r50", False), ("deformable_detr_r50", False),
                                                ("dn_deformable_detr_r50", True), ("ks_dn_deformable_detr_r50", True)])

@@ -30,6 +30,10 @@ class MultiScaleContext:
         return replace(self, valid_ratios=self.valid_ratios.repeat(n, 1, 1),
                        reference_points=self.reference_points.repeat(n, 1, 1, 1))
 
+    def first(self, n):
+        """The layout of the first n rows (the student's in a stacked KS batch)."""
+        return replace(self, valid_ratios=self.valid_ratios[:n], reference_points=self.reference_points[:n])
+
     @classmethod
     def from_masks(cls, masks):
         """masks: list of (B, h_l, w_l) bool, True = padding."""

@@ -260,7 +260,12 @@ class DNDeformableDETR(DeformableDETR):
         tgt = torch.cat([tgt, torch.zeros_like(tgt[:, :1])], -1)[None].expand(rows, -1, -1)
         extras = {}
         if self.two_stage:
-            anchors, extras["enc"] = self.select_proposals(memory, memory_mask, ctx)
+            # "student": the teachers decode the student's anchors; only the student's proposals get a loss
+            own = streams if streams == 1 or self.ks.teacher_proposals == "own" else 1
+            n = rows // streams * own
+            anchors, extras["enc"] = self.select_proposals(memory[:n], memory_mask[:n], ctx.first(n))
+            anchors = anchors.repeat(streams // own, 1, 1)
+            extras["enc"]["streams"] = own
         else:
             anchors = self.refpoint_embed.weight[None].expand(rows, -1, -1)
         tgt, anchors, attn_mask, dn = self.dn.prepend(tgt, anchors, targets, streams)

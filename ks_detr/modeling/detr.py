@@ -149,7 +149,8 @@ class DETRBase(nn.Module):
             hs (L, B', P+Q, C) normalised decoder states, boxes (L, B', P+Q, 4) sigmoid cxcywh and
             a dict of extras: "dn", the denoising metadata ``dict(groups, group_size)`` when there
             are P = groups * group_size leading denoising queries; "enc", the selected encoder
-            proposals ``dict(pred_logits (B', Q, K), pred_boxes (B', Q, 4))`` of two-stage models.
+            proposals of two-stage models ``dict(pred_logits (S'B, Q, K), pred_boxes (S'B, Q, 4), streams=S')``
+            for the first S' streams (S' = S when every stream selects its own, else 1).
         """
         raise NotImplementedError
 
@@ -217,7 +218,8 @@ class DETRBase(nn.Module):
     def loss_outputs(self, logits, boxes, batch, streams, extras):
         """Outputs that get a loss: the student's last layer (no suffix), its earlier layers
         (``_i``) and the last ``TEACHER_DECODER_LAYERS`` of every teacher (``_ks_{a|v}[_i]``); with
-        two-stage query selection also every stream's encoder proposals (``_enc[_ks_{a|v}]``).
+        two-stage query selection also the selected encoder proposals (``_enc``; ``_enc_ks_{a|v}`` of the
+        teachers that select their own, ``MODEL.KS.TEACHER_PROPOSALS`` "own").
 
         logits: (L, S*B, P+Q, K), boxes: (L, S*B, P+Q, 4), S = ``streams``; the P leading denoising
         queries (``extras["dn"]``) become each output's "dn" entry. Which teacher outputs are kept is
@@ -239,7 +241,7 @@ class DETRBase(nn.Module):
                 out["dn"] = dict(dn, pred_logits=lg[:, :P], pred_boxes=bx[:, :P])
             outputs.append(out)
         enc = extras.get("enc")
-        for s in range(streams if enc else 0):
+        for s in range(enc["streams"] if enc else 0):
             rows = slice(s * batch, (s + 1) * batch)
             suffix, weight = ("_enc", 1.0) if s == 0 else ("_enc" + self.ks.suffix(s), self.ks.teacher_weight)
             outputs.append(dict(pred_logits=enc["pred_logits"][rows], pred_boxes=enc["pred_boxes"][rows],

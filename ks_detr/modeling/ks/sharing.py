@@ -61,6 +61,7 @@ class KnowledgeSharing:
         self.encoder_layers = frozenset(i % d.ENC_LAYERS for i in ks.ENCODER_LAYERS)
         self.teacher_layers = ks.TEACHER_DECODER_LAYERS
         self.teacher_weight = ks.TEACHER_LOSS_WEIGHT
+        self.teacher_proposals = ks.TEACHER_PROPOSALS
         self.pad_pixels = ks.MASK.PAD_PIXELS
         self.sampling = ks.MASK.SAMPLING
         self.hidden_dim = d.HIDDEN_DIM
