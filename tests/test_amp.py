@@ -11,9 +11,9 @@ from detectron2.utils.events import EventStorage
 
 from conftest import make_cfg, toy_inputs
 from ks_detr.modeling.criterion import SetCriterion
-from ks_detr.modeling.deformable_attention import MSDeformAttn, MultiScaleContext, deformable_sample
+from ks_detr.modeling.layers import MSDeformAttn, MultiScaleContext, deformable_sample
 from ks_detr.modeling.matcher import HungarianMatcher
-from ks_detr.modeling.transformer import inverse_sigmoid, sine_embed_points, sine_position_embedding
+from ks_detr.modeling.layers import inverse_sigmoid, sine_embed_points, sine_position_embedding
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 # Small but complete models: every module of the family runs, on a ResNet-18 (BasicBlocks: at this
@@ -60,19 +60,21 @@ class SameSelection:
     precision of the computation itself. Other models: no effect."""
 
     def __init__(self, model):
-        self.model, self.recorded, self.replaying = model, [], None
+        self.selection = getattr(model, "query_selection", None)
+        self.recorded, self.replaying = [], None
 
     def __enter__(self):
-        if getattr(self.model, "two_stage", False):
-            self.model.topk_proposals = self.topk
+        if self.selection is not None:
+            self.selection.topk = self.topk
         return self
 
     def __exit__(self, *exc):
-        vars(self.model).pop("topk_proposals", None)
+        if self.selection is not None:
+            vars(self.selection).pop("topk", None)
 
     def topk(self, scores):
         if self.replaying is None:
-            self.recorded.append(type(self.model).topk_proposals(self.model, scores))
+            self.recorded.append(type(self.selection).topk(self.selection, scores))
             return self.recorded[-1]
         return self.replaying.pop(0)
 
@@ -165,7 +167,7 @@ def test_reference_points_are_float32():
 def test_two_stage_proposals_and_denoising_anchors_are_float32():
     model = tiny_model(QUICKSTART)
     seen = {}
-    select, prepend = model.select_proposals, model.dn.prepend
+    select, prepend = model.query_selection.forward, model.dn.prepend
 
     def spy_select(*args):
         seen["proposals"] = select(*args)
@@ -175,7 +177,7 @@ def test_two_stage_proposals_and_denoising_anchors_are_float32():
         seen["prepend"] = prepend(*args)
         return seen["prepend"]
 
-    model.select_proposals, model.dn.prepend = spy_select, spy_prepend
+    model.query_selection.forward, model.dn.prepend = spy_select, spy_prepend
     with EventStorage(), torch.autocast(**BF16):
         model(batch(model))
     anchors, enc = seen["proposals"]

@@ -218,6 +218,19 @@ def test_ks_and_baseline_checkpoints_load_into_each_other(tmp_path, models):
     assert_loaded(ks, teachers, teachers)  # teacher-only tensors keep their values
 
 
+def test_checkpoint_from_before_the_query_selection_moved_loads(tmp_path, models, caplog):
+    """Two-stage heads were top-level modules (``enc_output.*`` ...); they now live in ``query_selection``.
+    A file with the old names fills them (nothing left at its initialisation)."""
+    model = models[BASELINE]
+    state = random_state(model)
+    old = {k.replace("query_selection.", ""): v for k, v in state.items()}
+    assert sum(k.startswith("enc_") for k in old) == 12
+    with caplog.at_level("INFO"):
+        AtomicCheckpointer(model).load(save(tmp_path / "old.pth", old))
+    assert_loaded(model, state, state)
+    assert "12 keys of moved modules renamed" in caplog.text and "257 of 257 model tensors match" in caplog.text
+
+
 def test_resume_skips_truncated_final_checkpoint(tmp_path, models, caplog):
     """last_checkpoint names a truncated model_final.pth: --resume (training) and --eval-only --resume load
     the intact model_0000001.pth, with a warning naming the skipped file."""

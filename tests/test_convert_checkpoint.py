@@ -193,6 +193,8 @@ def test_converted_checkpoint_loads_strictly_and_predicts_the_same(source, confi
         assert torch.equal(a, b)
     if source in ("conditional-detr", "dab-detr"):
         assert "class_embed.weight: 91 COCO-id rows -> 80 contiguous classes" in caplog.text
+    hint = "evaluate with MODEL.DETR.DECODER_PADDING_MASK False MODEL.DETR.EVAL_PAD_LAST_PIXEL True"
+    assert (hint in caplog.text) == (source in ("ks-detr", "detrex") and "deformable" not in family)
 
 
 def test_ks_checkpoint_into_baseline_config_drops_teachers(caplog):

@@ -15,6 +15,8 @@ from conftest import REPO, make_cfg
 from ks_detr.data import DatasetError, check_num_classes, register_checked_coco
 from ks_detr.data.custom import COUNT_KEYS, check_coco_json
 
+pytestmark = pytest.mark.usefixtures("trees_dataset")  # real images (prepared if missing)
+
 
 def write_images(folder, n=2):
     os.makedirs(folder, exist_ok=True)

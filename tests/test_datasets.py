@@ -28,16 +28,9 @@ def _load_prepare_module():
 
 
 @pytest.fixture(scope="module")
-def trees_dir():
-    """The trees dataset prepared by install.sh in the default datasets root."""
-    path = datasets_root() / "trees"
-    for split in ("train", "val"):
-        if not (path / "annotations" / f"{split}.json").is_file():
-            pytest.fail(
-                f"trees dataset missing in {path}: run `python tools/prepare_data.py` "
-                "(install.sh does this) before the tests"
-            )
-    return path
+def trees_dir(trees_dataset):
+    """The trees dataset in the default datasets root (prepared if missing)."""
+    return datasets_root() / "trees"
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

@@ -2,7 +2,7 @@
 and the deformable triple attention's three streams."""
 import torch
 
-from ks_detr.modeling.deformable_attention import MSDeformAttn, MultiScaleContext, deformable_sample
+from ks_detr.modeling.layers import MSDeformAttn, MultiScaleContext, deformable_sample
 from ks_detr.modeling.ks import DeformableTripleAttention
 
 

@@ -3,7 +3,7 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import make_cfg
-from ks_detr.modeling.denoising import dn_attention_mask, noised_queries
+from ks_detr.modeling.layers import dn_attention_mask, noised_queries
 
 
 def targets():

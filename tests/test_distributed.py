@@ -16,6 +16,8 @@ from conftest import coco_ap, make_cfg, tame_random_backbone, toy_inputs, train_
 from ks_detr import build_optimizer
 from ks_detr.engine import create_ddp_model
 
+pytestmark = pytest.mark.usefixtures("trees_dataset")  # real images (prepared if missing)
+
 TINY = ["MODEL.DETR.NUM_QUERIES", "20", "MODEL.DETR.ENC_LAYERS", "2", "MODEL.DETR.DEC_LAYERS", "2",
         "MODEL.DETR.HIDDEN_DIM", "64", "MODEL.DETR.DIM_FEEDFORWARD", "128", "MODEL.RESNETS.DEPTH", "18",
         "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]

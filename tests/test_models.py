@@ -12,6 +12,8 @@ from fvcore.nn import FlopCountAnalysis
 
 from conftest import REPO, make_cfg, tame_random_backbone, toy_inputs
 
+pytestmark = pytest.mark.usefixtures("trees_dataset")  # real images (prepared if missing)
+
 SMALL = ("MODEL.DETR.NUM_QUERIES", 50)  # keeps matching cheap; the architecture is unchanged
 FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr"]
 CONFIGS = sorted(f"configs/{c}" for c in os.listdir(os.path.join(REPO, "configs"))
@@ -172,19 +174,20 @@ def test_two_stage_selects_top_proposals_like_a_loop():
     model = build_model(make_cfg("configs/dn_deformable_detr_r50.yaml", *TWO_STAGE)).eval()
     inputs = toy_inputs(sizes=((224, 200), (160, 240)))
     captured = {}
-    select = model.select_proposals
+    selection = model.query_selection
+    select = selection.forward
 
     def spy(memory, memory_mask, ctx):
         captured.update(memory=memory, mask=memory_mask, ctx=ctx)
         captured["out"] = select(memory, memory_mask, ctx)
         return captured["out"]
 
-    model.select_proposals = spy
+    selection.forward = spy
     with torch.no_grad():
         model([{"image": x["image"]} for x in inputs])
         memory, mask, ctx = captured["memory"], captured["mask"], captured["ctx"]
         anchors, enc = captured["out"]
-        feats = model.enc_output(memory)
+        feats = selection.enc_output(memory)
         for b in range(memory.shape[0]):
             rows, start = [], 0
             for lvl, (h, w) in enumerate(ctx.shapes):
@@ -196,8 +199,8 @@ def test_two_stage_selects_top_proposals_like_a_loop():
                         if pad[i, j] or not ((prop > 0.01) & (prop < 0.99)).all():
                             continue
                         f = feats[b, start + i * w + j]
-                        logit = model.enc_class_embed(f)
-                        box = (model.enc_bbox_embed(f) + torch.logit(prop, eps=1e-5)).sigmoid()
+                        logit = selection.enc_class_embed(f)
+                        box = (selection.enc_bbox_embed(f) + torch.logit(prop, eps=1e-5)).sigmoid()
                         rows.append((float(logit.max()), logit, box))
                 start += h * w
             rows.sort(key=lambda r: -r[0])
@@ -217,7 +220,8 @@ def test_two_stage_training_losses_every_stream():
     assert enc == sorted(f"loss_{n}_enc{s}" for n in ("class", "bbox", "giou") for s in ("", "_ks_a", "_ks_v"))
     sum(losses.values()).backward()
     for name, p in model.named_parameters():  # (the box MLP's last layer starts at zero: only it has grads)
-        if name.startswith(("enc_output", "enc_class_embed", "enc_bbox_embed.layers.2")):
+        if name.startswith(tuple("query_selection." + n for n in ("enc_output", "enc_class_embed",
+                                                                   "enc_bbox_embed.layers.2"))):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 

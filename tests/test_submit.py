@@ -14,6 +14,8 @@ import torch
 
 from conftest import REPO
 
+pytestmark = pytest.mark.usefixtures("trees_dataset")  # real images (prepared if missing)
+
 spec = importlib.util.spec_from_file_location("ks_detr_submit", os.path.join(REPO, "tools", "submit.py"))
 submit = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = submit  # cloudpickle ships registered modules by value

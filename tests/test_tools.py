@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
@@ -17,6 +18,8 @@ from PIL import Image
 
 from conftest import REPO, make_cfg
 from ks_detr.data.datasets import datasets_root
+
+pytestmark = pytest.mark.usefixtures("trees_dataset")  # real images (prepared if missing)
 
 _spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "demo", "demo.py"))
 demo = importlib.util.module_from_spec(_spec)

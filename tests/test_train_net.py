@@ -12,6 +12,8 @@ from conftest import REPO, coco_ap
 from conftest import train_net as run
 from ks_detr.data.datasets import datasets_root
 
+pytestmark = pytest.mark.usefixtures("trees_dataset")  # real images (prepared if missing)
+
 SMALL_RUN = [
     "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.DETR.NUM_CLASSES", "1", "MODEL.DETR.NUM_QUERIES", "100",
     "DATASETS.TRAIN", '("trees_train",)', "DATASETS.TEST", '("trees_val",)',

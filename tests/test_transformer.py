@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ks_detr.modeling.transformer import dropout, multihead_attention, sine_embed_points, sine_position_embedding
+from ks_detr.modeling.layers import dropout, multihead_attention, sine_embed_points, sine_position_embedding
 
 
 def test_dropout_keeps_one_minus_p_and_rescales():

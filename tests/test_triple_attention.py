@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ks_detr.modeling.ks import SMLP, KSEncoderLayer, TripleAttention
-from ks_detr.modeling.transformer import TransformerEncoderLayer
+from ks_detr.modeling.layers import TransformerEncoderLayer
 
 
 def naive_attention(q, k, v, pad, heads):

@@ -327,6 +327,10 @@ def convert(sd, cfg, expected, source="auto"):
         raise ConversionError(" | ".join(errors))
     for what, n in sorted(counts.items()):
         log.info("%s: %d", what, n)
+    if source in ("ks-detr", "detrex") and family not in DEFORMABLE:
+        log.info("to reproduce the %s code's outputs (its decoder attends to padded tokens, its eval masks each "
+                 "image's last row and column), evaluate with MODEL.DETR.DECODER_PADDING_MASK False "
+                 "MODEL.DETR.EVAL_PAD_LAST_PIXEL True", source)
     return {n: out[n] for n in expected}
 
 

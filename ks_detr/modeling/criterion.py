@@ -4,7 +4,7 @@ from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
-from .transformer import upcast
+from .layers import upcast
 
 
 class SetCriterion(nn.Module):

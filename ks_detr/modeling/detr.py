@@ -16,15 +16,8 @@ from torchvision.ops import box_convert
 from ..errors import ConfigError
 from .criterion import SetCriterion
 from .ks import KnowledgeSharing, KSEncoderLayer, TripleAttention, repeat_streams
+from .layers import MLP, MultiheadAttention, TransformerEncoder, TransformerEncoderLayer, sine_position_embedding, upcast
 from .matcher import HungarianMatcher
-from .transformer import (
-    MLP,
-    MultiheadAttention,
-    TransformerEncoder,
-    TransformerEncoderLayer,
-    sine_position_embedding,
-    upcast,
-)
 
 
 class DETRBase(nn.Module):
@@ -52,10 +45,14 @@ class DETRBase(nn.Module):
                               f"for MODEL.META_ARCHITECTURE={arch}")
         self.hidden_dim = C = d.HIDDEN_DIM
         self.num_classes = d.NUM_CLASSES
+        self.num_queries = d.NUM_QUERIES
+        self.two_stage = d.TWO_STAGE
         self.num_topk = d.NUM_TOPK_TEST
         self.aux_loss = d.AUX_LOSS
         self.pos_temperature = d.POS_TEMPERATURE
         self.pos_offset = d.POS_OFFSET
+        self.decoder_padding_mask = d.DECODER_PADDING_MASK
+        self.eval_pad_last_pixel = d.EVAL_PAD_LAST_PIXEL
 
         self.backbone = build_backbone(cfg)
         self.in_features = list(d.IN_FEATURES)
@@ -66,7 +63,7 @@ class DETRBase(nn.Module):
                 f"Invalid config MODEL.DETR.IN_FEATURES={self.in_features!r}: the backbone gives "
                 f"{sorted(shapes)} (set MODEL.RESNETS.OUT_FEATURES)"
             )
-        self.input_proj = self.build_input_proj(cfg, [shapes[f] for f in self.in_features])
+        self.add_named(self.build_input_proj(cfg, [shapes[f] for f in self.in_features]))
 
         self.ks = KnowledgeSharing(cfg) if ks.ENABLED or self.FORCES_KS else None
         ks_layers = self.ks.encoder_layers if self.ks else frozenset()
@@ -77,12 +74,12 @@ class DETRBase(nn.Module):
              for i in range(d.ENC_LAYERS)],
             pos_scale=self.build_encoder_pos_scale(cfg),
         )
+        self.add_named(self.build_queries(cfg))
         self.decoder = self.build_decoder(cfg)
         self.class_embed, self.bbox_embed = self.build_heads(cfg)
         self.reset_parameters()
 
-        for name, module in (self.ks.build_modules() if self.ks else {}).items():
-            self.add_module(name, module)  # after reset_parameters: the sMLP keeps its default init
+        self.add_named(self.ks.build_modules() if self.ks else {})  # after reset_parameters: default sMLP init
 
         matcher = HungarianMatcher(d.COST_CLASS, d.COST_BBOX, d.COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
         self.criterion = SetCriterion(matcher, d.CLASS_WEIGHT, d.BBOX_WEIGHT,
@@ -90,13 +87,18 @@ class DETRBase(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
 
-    # ---- family hooks ---------------------------------------------------------------------
+    def add_named(self, named):
+        """Register a builder's ``{name: module or parameter}`` on the model under those names."""
+        for name, value in named.items():
+            setattr(self, name, value)
+
+    # ---- family hooks: builders return their modules, the model registers them -----------
     def build_input_proj(self, cfg, shapes):
-        """Projection of the backbone features to the transformer width (one 1x1 conv)."""
+        """``{"input_proj": ...}``: the backbone features to the transformer width (one 1x1 conv)."""
         if len(shapes) != 1:
             raise ConfigError(f"Invalid config MODEL.DETR.IN_FEATURES={self.in_features!r}: "
                              f"{type(self).__name__} uses one feature map")
-        return nn.Conv2d(shapes[0].channels, cfg.MODEL.DETR.HIDDEN_DIM, kernel_size=1)
+        return {"input_proj": nn.Conv2d(shapes[0].channels, cfg.MODEL.DETR.HIDDEN_DIM, kernel_size=1)}
 
     def build_encoder_attention(self, cfg, ks_mode):
         """Encoder self-attention: the plain one, or the triple attention when ``ks_mode`` is set."""
@@ -133,15 +135,21 @@ class DETRBase(nn.Module):
         """Module mapping encoder tokens to a scale of their position embedding, or None."""
         return None
 
+    def build_queries(self, cfg):
+        """``{name: module}``: the family's queries (embeddings, denoising, query selection), built
+        before the decoder and registered under these names (checkpoint keys)."""
+        raise NotImplementedError
+
     def build_decoder(self, cfg):
-        """Return the family's decoder module."""
+        """The family's decoder module (:mod:`ks_detr.modeling.layers`)."""
         raise NotImplementedError
 
     def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
         """Run the decoder on (stacked) memories.
 
         Args:
-            memory, pos: (B', N, C); memory_mask: (B', N) True = padding; B' = streams * B.
+            memory, pos: (B', N, C); memory_mask: (B', N) True = padding, or None (padding not masked:
+                ``MODEL.DETR.DECODER_PADDING_MASK`` False); B' = streams * B.
             targets: the B images' targets in training (denoising families noise them), else None.
             streams: S, the number of stacked streams (KS training), 1 otherwise.
             ctx: the multi-scale context of the memory (B' rows), or None.
@@ -181,13 +189,16 @@ class DETRBase(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs):
-        """Normalise and pad the images; returns the ImageList and its (B, H, W) padding mask."""
+        """Normalise and pad the images; returns the ImageList and its (B, H, W) padding mask (True =
+        padding; with ``MODEL.DETR.EVAL_PAD_LAST_PIXEL`` in eval also each image's last row and column,
+        as the official Conditional/DAB/DN-DETR eval)."""
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         images = ImageList.from_tensors(images, self.backbone.size_divisibility)
         B, _, H, W = images.tensor.shape
         mask = torch.ones(B, H, W, dtype=torch.bool, device=self.device)
+        last = 1 if self.eval_pad_last_pixel and not self.training else 0
         for i, (h, w) in enumerate(images.image_sizes):
-            mask[i, :h, :w] = False
+            mask[i, : h - last, : w - last] = False
         return images, mask
 
     def forward(self, batched_inputs):
@@ -208,7 +219,8 @@ class DETRBase(nn.Module):
         S = ks.num_streams if ks else 1
         targets = self.prepare_targets(batched_inputs) if self.training else None
         ctx = None if ctx is None else ctx.repeat(S)
-        hs, boxes, extras = self.decode(memory, repeat_streams(key_mask, S), repeat_streams(pos, S), targets, ctx, S)
+        memory_mask = repeat_streams(key_mask, S) if self.decoder_padding_mask else None
+        hs, boxes, extras = self.decode(memory, memory_mask, repeat_streams(pos, S), targets, ctx, S)
         logits = self.predict_logits(hs)
 
         if self.training:

@@ -7,7 +7,7 @@ import torch
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from .dab_detr import DABDETR
-from .denoising import DenoisingQueries
+from .layers import DenoisingQueries
 
 
 @META_ARCH_REGISTRY.register()
@@ -17,9 +17,8 @@ class DNDETR(DABDETR):
 
     RANDOM_XY_ANCHORS = False  # official KS-DN-DETR config: default N(0, 1) anchors
 
-    def build_decoder(self, cfg):
-        self.dn = DenoisingQueries(cfg)
-        return super().build_decoder(cfg)
+    def build_queries(self, cfg):
+        return {"dn": DenoisingQueries(cfg), **super().build_queries(cfg)}
 
     def queries(self, targets, rows, streams=1):
         Q = self.refpoint_embed.num_embeddings

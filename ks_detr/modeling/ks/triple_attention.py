@@ -10,8 +10,7 @@ checkpoint) and calls ``observer`` (if set, :meth:`KnowledgeSharing.record`) wit
 import torch
 from torch import nn
 
-from ..deformable_attention import MSDeformAttn, deformable_sample
-from ..transformer import MultiheadAttention, TransformerEncoderLayer, multihead_attention
+from ..layers import MSDeformAttn, MultiheadAttention, TransformerEncoderLayer, deformable_sample, multihead_attention
 from .sharing import STREAMS, repeat_streams
 
 

@@ -1,0 +1,82 @@
+"""Deformable decoders (Zhu et al., ICLR 2021): self-attention, then multi-scale deformable
+cross-attention around each query's reference point; and the 4-D anchor form with box refinement
+(DAB-/DN-Deformable DETR, detrex). Parameter names follow the official code (norm2 after self-attention,
+norm1 after cross-attention)."""
+import torch
+from torch import nn
+
+from .deformable_attention import MSDeformAttn
+from .transformer import MLP, Dropout, MultiheadAttention, build_activation, inverse_sigmoid, sine_embed_points
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Self-attention (q = k = tgt + query_pos) -> deformable cross-attention around the query's
+    reference point -> FFN, each with add & norm (official names: norm2, norm1, norm3)."""
+
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, n_levels, n_points):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, nhead, n_points)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.activation = build_activation(activation)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.dropout1, self.dropout2 = Dropout(dropout), Dropout(dropout)
+        self.dropout3, self.dropout4 = Dropout(dropout), Dropout(dropout)
+
+    def forward(self, tgt, query_pos, reference_points, memory, memory_mask, ctx, self_attn_mask=None):
+        """tgt, query_pos: (B, Q, C); reference_points (B, Q, L, 2 or 4); memory (B, N, C) -> (B, Q, C).
+
+        ``self_attn_mask``: (Q, Q) bool, True = blocked (denoising groups)."""
+        sa = self.self_attn(tgt, query_pos, attn_mask=self_attn_mask)
+        tgt = self.norm2(tgt + self.dropout2(sa))
+        cross = self.cross_attn.attend(tgt + query_pos, reference_points, memory, memory_mask, ctx)
+        tgt = self.norm1(tgt + self.dropout1(cross))
+        ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(ffn))
+
+
+class DeformableDecoder(nn.Module):
+    """Deformable DETR's decoder: fixed 2-D reference points, no box refinement, no final norm."""
+
+    def __init__(self, num_layers, *layer_args):
+        super().__init__()
+        self.layers = nn.ModuleList(DeformableDecoderLayer(*layer_args) for _ in range(num_layers))
+
+    def forward(self, tgt, query_pos, reference, memory, memory_mask, ctx):
+        """reference: (B, Q, 2) in [0, 1], fixed across layers -> hs (L, B, Q, C) (no final norm)."""
+        ref = reference[:, :, None] * ctx.valid_ratios[:, None]
+        hs = []
+        for layer in self.layers:
+            tgt = layer(tgt, query_pos, ref, memory, memory_mask, ctx)
+            hs.append(tgt)
+        return torch.stack(hs)
+
+
+class DNDeformableDecoder(nn.Module):
+    """Deformable decoder on 4-D anchor boxes refined by every layer (DAB/DN-Deformable style):
+    query position = ref_point_head(sine(anchor)) x query_scale(content) (identity in layer 0);
+    cross-attention samples around each box; layer i's box head refines the anchor (detached)."""
+
+    def __init__(self, num_layers, d_model, *layer_args):
+        super().__init__()
+        self.layers = nn.ModuleList(DeformableDecoderLayer(d_model, *layer_args) for _ in range(num_layers))
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+
+    def forward(self, tgt, anchors, memory, memory_mask, ctx, bbox_embeds, self_attn_mask=None):
+        """tgt (B, Q, C), anchors (B, Q, 4) unsigmoided -> hs (L, B, Q, C) and each layer's input
+        boxes (L, B, Q, 4) in [0, 1]."""
+        ref = anchors.sigmoid()
+        valid = torch.cat([ctx.valid_ratios, ctx.valid_ratios], -1)[:, None]  # (B, 1, L, 4)
+        hs, refs = [], []
+        for i, layer in enumerate(self.layers):
+            refs.append(ref)
+            ref_input = ref[:, :, None] * valid
+            query_pos = self.ref_point_head(sine_embed_points(ref_input[:, :, 0], tgt.shape[-1] // 2))
+            if i > 0:
+                query_pos = query_pos * self.query_scale(tgt)
+            tgt = layer(tgt, query_pos, ref_input, memory, memory_mask, ctx, self_attn_mask)
+            hs.append(tgt)
+            ref = (bbox_embeds[i](tgt) + inverse_sigmoid(ref)).sigmoid().detach()
+        return torch.stack(hs), torch.stack(refs)

@@ -1,0 +1,71 @@
+"""Two-stage query selection (Deformable DETR's two-stage variant, DINO's mixed query selection):
+every encoder token proposes a box and the top-Q proposals by class score become the decoder's anchors."""
+import math
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError
+from .transformer import MLP, inverse_sigmoid
+
+
+def token_proposals(memory_mask, ctx):
+    """One box per encoder token: its cell centre in the valid image region, size 0.05 * 2^level.
+
+    Args:
+        memory_mask: (B, N) True = padding, or None; ctx: the tokens' :class:`MultiScaleContext`.
+    Returns:
+        proposals (B, N, 4) cxcywh and valid (B, N): inside (0.01, 0.99) of the valid region (so
+        never on padding) and not masked.
+    """
+    N = ctx.reference_points.shape[1]
+    device = ctx.reference_points.device
+    level = torch.cat([torch.full((h * w,), lvl, device=device) for lvl, (h, w) in enumerate(ctx.shapes)])
+    centre = ctx.reference_points[:, torch.arange(N, device=device), level] / ctx.valid_ratios[:, level]
+    size = (0.05 * 2.0 ** level)[None, :, None].expand_as(centre)
+    proposals = torch.cat([centre, size], -1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1)
+    return proposals, valid if memory_mask is None else valid & ~memory_mask
+
+
+class QuerySelection(nn.Module):
+    """Proposal heads on the encoder memory and the top-Q selection.
+
+    ``enc_output`` (Linear + LayerNorm) transforms the valid tokens; ``enc_class_embed`` scores them and
+    ``enc_bbox_embed`` refines each token's proposal (in logit space). The Q best proposals (max class
+    logit) are the anchors (detached, as DINO's mixed query selection: content queries stay learned)
+    and get the detection loss too.
+    """
+
+    def __init__(self, d_model, num_classes, num_queries):
+        super().__init__()
+        self.num_queries = num_queries
+        self.enc_output = nn.Sequential(nn.Linear(d_model, d_model), nn.LayerNorm(d_model))
+        self.enc_class_embed = nn.Linear(d_model, num_classes)
+        self.enc_bbox_embed = MLP(d_model, d_model, 4, 3)
+
+    def reset_parameters(self):
+        """As the decoder heads: focal prior on the class bias, zero last box layer."""
+        nn.init.constant_(self.enc_class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.zeros_(self.enc_bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.enc_bbox_embed.layers[-1].bias)
+
+    def topk(self, scores):
+        """(B, N) proposal scores (-inf = invalid) -> (B, Q) indices of the selected proposals."""
+        return scores.topk(self.num_queries, dim=1).indices
+
+    def forward(self, memory, memory_mask, ctx):
+        """memory (B, N, C), memory_mask (B, N) True = padding (or None) -> anchors (B, Q, 4) unsigmoided and
+        detached, and the selected proposals ``dict(pred_logits (B, Q, K), pred_boxes (B, Q, 4))``."""
+        N = memory.shape[1]
+        if N < self.num_queries:
+            raise ConfigError(f"MODEL.DETR.NUM_QUERIES={self.num_queries} exceeds the {N} encoder tokens "
+                              "of this input: use fewer queries or larger images")
+        proposals, valid = token_proposals(memory_mask, ctx)
+        feats = self.enc_output(memory.masked_fill(~valid[..., None], 0.0))
+        logits = self.enc_class_embed(feats)
+        coords = self.enc_bbox_embed(feats) + inverse_sigmoid(proposals)
+        idx = self.topk(logits.max(-1).values.masked_fill(~valid, float("-inf")))
+        logits = torch.gather(logits, 1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+        coords = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 4))
+        return coords.detach(), dict(pred_logits=logits, pred_boxes=coords.sigmoid())
