@@ -1,11 +1,10 @@
 """Conditional DETR (Meng et al., ICCV 2021): learned query positions, the conditional decoder
 (:mod:`ks_detr.modeling.layers.conditional_decoder`), boxes relative to each query's reference point."""
-import torch
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .detr import DETRBase
-from .layers import ConditionalDecoder, inverse_sigmoid, upcast
+from .layers import ConditionalDecoder
 
 
 @META_ARCH_REGISTRY.register()
@@ -23,9 +22,7 @@ class ConditionalDETR(DETRBase):
     def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
         query_pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)
         hs, reference = self.decoder(memory, memory_mask, pos, query_pos)
-        boxes = upcast(self.bbox_embed(hs))  # reference + delta and the sigmoid in float32
-        boxes = torch.cat([boxes[..., :2] + inverse_sigmoid(reference), boxes[..., 2:]], -1).sigmoid()
-        return hs, boxes, {}
+        return hs, self.boxes_around_points(hs, reference), {}
 
 
 @META_ARCH_REGISTRY.register()

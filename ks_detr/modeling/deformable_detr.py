@@ -13,7 +13,6 @@ from .layers import (
     DeformableDecoder,
     MSDeformAttn,
     MultiScaleContext,
-    inverse_sigmoid,
     sine_position_embedding,
     upcast,
 )
@@ -92,9 +91,7 @@ class DeformableDETR(DETRBase):
         query_pos, tgt = query_pos[None].expand(rows, -1, -1), tgt[None].expand(rows, -1, -1)
         reference = upcast(self.reference_points(query_pos)).sigmoid()
         hs = self.decoder(tgt, query_pos, reference, memory, memory_mask, ctx)
-        boxes = upcast(self.bbox_embed(hs))  # reference + delta and the sigmoid in float32
-        boxes = torch.cat([boxes[..., :2] + inverse_sigmoid(reference), boxes[..., 2:]], -1).sigmoid()
-        return hs, boxes, {}
+        return hs, self.boxes_around_points(hs, reference), {}
 
 
 @META_ARCH_REGISTRY.register()

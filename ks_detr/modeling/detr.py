@@ -16,7 +16,15 @@ from torchvision.ops import box_convert
 from ..errors import ConfigError
 from .criterion import SetCriterion
 from .ks import KnowledgeSharing, KSEncoderLayer, TripleAttention, repeat_streams
-from .layers import MLP, MultiheadAttention, TransformerEncoder, TransformerEncoderLayer, sine_position_embedding, upcast
+from .layers import (
+    MLP,
+    MultiheadAttention,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+    inverse_sigmoid,
+    sine_position_embedding,
+    upcast,
+)
 from .matcher import HungarianMatcher
 
 
@@ -161,6 +169,14 @@ class DETRBase(nn.Module):
             for the first S' streams (S' = S when every stream selects its own, else 1).
         """
         raise NotImplementedError
+
+    def boxes_around_points(self, hs, reference):
+        """Boxes of decoder states whose queries have fixed 2-D reference points (Conditional, Deformable):
+        the box head's centre delta is added to the reference in logit space (in float32).
+
+        hs: (L, B', Q, C); reference: (B', Q, 2) in [0, 1] -> (L, B', Q, 4) sigmoid cxcywh."""
+        delta = upcast(self.bbox_embed(hs))
+        return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
 
     def reset_parameters(self):
         """Official DETR-family init: xavier on transformer matrices, focal prior on the class
