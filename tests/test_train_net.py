@@ -33,8 +33,7 @@ def test_train_eval_resume_and_student_eval(tmp_path):
     ks = os.path.join("configs", "ks_conditional_detr_r50.yaml")
     log = run("--config-file", ks, *SMALL_RUN, "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", out)
     assert "Evaluation results for bbox" in log
-    ap = coco_ap(log)
-    assert len(ap) == 6 and 0.0 <= ap[1] <= 100.0
+    assert len(coco_ap(log)) == 6
     assert iterations(out)[-1] == 3
     assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == ["model_0000001.pth", "model_0000003.pth",
                                                                         "model_final.pth"]
@@ -84,6 +83,30 @@ def test_quickstart_config_runs_with_progress_and_wall_clock(tmp_path):
     with open(os.path.join(tmp_path, "metrics.json")) as f:
         minutes = [row["wall_minutes"] for row in map(json.loads, f) if "wall_minutes" in row]
     assert minutes and minutes == sorted(minutes) and 0 < minutes[-1] < 10
+
+
+def test_quickstart_model_learns_two_real_images(tmp_path):
+    """An AP bound that can fail: the quickstart baseline (ImageNet MobileNet-V2), 150 iterations on the
+    two val images with the fewest trees (14 boxes; registered with --register-coco), evaluated on them
+    by detectron2's COCO evaluator: AP50 >= 80 (measured: 100, AP 65). A model that does not learn,
+    or an evaluation that mismatches boxes, ends far below."""
+    with open(datasets_root() / "trees" / "annotations" / "val.json") as f:
+        val = json.load(f)
+    counts = {}
+    for a in val["annotations"]:
+        counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
+    ids = sorted(counts, key=lambda i: (counts[i], i))[:2]
+    two = dict(images=[i for i in val["images"] if i["id"] in ids],
+               annotations=[a for a in val["annotations"] if a["image_id"] in ids], categories=val["categories"])
+    (tmp_path / "two.json").write_text(json.dumps(two))
+    log = run("--config-file", "configs/quickstart/trees.yaml", "--register-coco", "two", str(tmp_path / "two.json"),
+              str(datasets_root() / "trees" / "images"), "DATASETS.TRAIN", '("two",)', "DATASETS.TEST", '("two",)',
+              "SOLVER.MAX_ITER", "150", "SOLVER.STEPS", "(140,)", "SOLVER.WARMUP_ITERS", "10",
+              "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.0005", "INPUT.MIN_SIZE_TRAIN", "(256,)",
+              "INPUT.MIN_SIZE_TEST", "256", "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0",
+              "OUTPUT_DIR", str(tmp_path / "out"))
+    assert len(two["annotations"]) == 14
+    assert coco_ap(log)[1] >= 80.0
 
 
 def last_losses(out):
