@@ -95,12 +95,15 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path, uninterrupted):
     """SIGTERM (Slurm's preemption notice): the step finishes, a checkpoint is saved, exit 143;
     --resume then ends exactly where the uninterrupted run does."""
     out = tmp_path / "preempted"
-    proc = subprocess.Popen(command(out, 6), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while not os.path.exists(out / "model_0000001.pth"):
-        assert proc.poll() is None
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    log, _ = proc.communicate()
+    out.mkdir()
+    with open(out / "stdout.txt", "w") as stdout:  # a file, not a pipe: a full pipe would block the run
+        proc = subprocess.Popen(command(out, 6), cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT)
+        while not os.path.exists(out / "model_0000001.pth"):
+            assert proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+    log = (out / "stdout.txt").read_text()
     assert proc.returncode == 143, log[-3000:]
     assert "Preempted at iteration" in log
     saved = int(log.split("Preempted at iteration ")[1].split(":")[0])
