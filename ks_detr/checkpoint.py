@@ -174,9 +174,8 @@ MOVED_KEYS = {prefix: "query_selection." + prefix for prefix in ("enc_output.", 
 
 def _rename_moved_keys(state_dict):
     """Rename (in place) the keys of modules that moved since the checkpoint was written (``MOVED_KEYS``)."""
-    moved = [k for k in state_dict if k.startswith(tuple(MOVED_KEYS))]
-    for key in moved:
-        prefix = next(p for p in MOVED_KEYS if key.startswith(p))
+    moved = [(k, p) for k in list(state_dict) for p in MOVED_KEYS if k.startswith(p)]
+    for key, prefix in moved:
         state_dict[MOVED_KEYS[prefix] + key[len(prefix):]] = state_dict.pop(key)
     if moved:
         logger.info(f"Checkpoint: {len(moved)} keys of moved modules renamed ({', '.join(MOVED_KEYS.values())})")

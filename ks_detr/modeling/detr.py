@@ -53,7 +53,6 @@ class DETRBase(nn.Module):
                               f"for MODEL.META_ARCHITECTURE={arch}")
         self.hidden_dim = C = d.HIDDEN_DIM
         self.num_classes = d.NUM_CLASSES
-        self.num_queries = d.NUM_QUERIES
         self.two_stage = d.TWO_STAGE
         self.num_topk = d.NUM_TOPK_TEST
         self.aux_loss = d.AUX_LOSS
