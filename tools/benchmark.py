@@ -4,10 +4,13 @@
     python tools/benchmark.py --config-file configs/ks_conditional_detr_r50.yaml --iters 3
 
 Both models run interleaved in one process on the same random images and boxes (random init).
-Peak memory is read in one fresh child process per model. Prints one JSON object to stdout.
+Peak memory is read in one fresh child process per model. Prints one JSON line to stdout: times,
+FLOPs, memory, the KS/baseline ratios and the FLOP floor (``--profile``: time per phase too).
 """
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -27,6 +30,8 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
+from torch.profiler import ProfilerActivity, record_function  # noqa: E402
+from torch.profiler import profile as torch_profile  # noqa: E402
 
 MODELS = ("baseline", "ks")
 
@@ -51,6 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast around the forward")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile 2 train steps per model (torch.profiler): time per phase")
     parser.add_argument("--output", help="also write the JSON here")
     parser.add_argument("--memory-child", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
@@ -159,6 +166,13 @@ def sdpa_flop_jit(inputs, outputs):
     return q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])
 
 
+def grid_sample_flop_jit(inputs, outputs):
+    """fvcore has no handle for ``grid_sample`` (deformable attention): bilinear sampling reads 4
+    taps per output element, 4 multiply-adds each output (N, C, H_out, W_out) element."""
+    n, c, h, w = get_shape(outputs[0])
+    return 4 * n * c * h * w
+
+
 def count_gflops(model, tensors, train):
     """fvcore GFLOPs (one multiply-add = one flop) of the train or eval forward; on failure
     ``(None, error string)``."""
@@ -168,11 +182,72 @@ def count_gflops(model, tensors, train):
             warnings.simplefilter("ignore")
             flops = FlopCountAnalysis(wrapper, tensors)
             flops.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+            flops.set_op_handle("aten::grid_sampler", grid_sample_flop_jit)
             flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             with EventStorage():
                 return flops.total() / 1e9, None
     except Exception as e:  # noqa: BLE001 - reported in the JSON instead of crashing
         return None, f"{type(e).__name__}: {e}"
+
+
+# (attribute path on the model, method, phase): the forward phases a profile reports separately
+PHASES = (
+    ("backbone", "forward", "backbone"),
+    ("", "embed_features", "input_proj"),
+    ("ks", "batch", "ks_mask"),
+    ("encoder", "forward", "encoder"),
+    ("query_selection", "forward", "query_selection"),
+    ("dn", "prepend", "denoising"),
+    ("decoder", "forward", "decoder"),
+    ("", "predict_logits", "heads"),
+    ("criterion.matcher", "forward", "matcher"),
+    ("criterion", "forward", "criterion"),
+)
+
+
+@contextlib.contextmanager
+def phase_labels(model, optimizer):
+    """Label each forward phase (``PHASES``) and the optimizer step for the profiler; restores the
+    methods on exit."""
+    patched = [(optimizer, "step", "optimizer")]
+    for path, method, phase in PHASES:
+        obj = model
+        for name in filter(None, path.split(".")):
+            obj = getattr(obj, name, None)
+        if obj is not None:
+            patched.append((obj, method, phase))
+
+    def labelled(fn, phase):
+        @functools.wraps(fn)
+        def run(*a, **k):
+            with record_function("phase::" + phase):
+                return fn(*a, **k)
+        return run
+
+    for obj, method, phase in patched:
+        setattr(obj, method, labelled(getattr(obj, method), phase))
+    try:
+        yield
+    finally:
+        for obj, method, _ in patched:
+            delattr(obj, method)  # the instance attribute: the class method shows again
+
+
+def profile_train(runner, steps=2):
+    """Per train step: milliseconds of each forward phase (``criterion`` includes ``matcher``), of the
+    whole backward (autograd), of the optimizer step, and the 12 ops with most self time."""
+    with phase_labels(runner.model, runner.optimizer), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            runner.train_step()
+    events = prof.key_averages()
+    ms = {}
+    for e in events:
+        if e.key.startswith("phase::"):
+            ms[e.key[len("phase::"):]] = e.cpu_time_total / 1e3 / steps
+    ms["backward"] = sum(e.cpu_time_total for e in events
+                         if e.key.startswith("autograd::engine::evaluate_function")) / 1e3 / steps
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {"phase_ms": ms, "top_self_ms": {e.key: e.self_cpu_time_total / 1e3 / steps for e in top}}
 
 
 def memory_child(args):
@@ -297,6 +372,10 @@ def main():
             r[f"{mode}_gflops"], error = count_gflops(runners[which].model, tensors, train)
             if error:
                 r[f"{mode}_gflops_error"] = error
+    if args.profile:
+        for which in MODELS:
+            log(f"profiling 2 train steps of {which}")
+            results[which]["profile"] = profile_train(runners[which])
     del runners
     for which in MODELS:
         log(f"measuring peak memory of {which} in a child process")
@@ -325,11 +404,17 @@ def main():
             "train_flops": ratio(results, "train_gflops"),
         },
     }
-    text = json.dumps(report, indent=2)
-    print(text)
+    floor = report["ratios_ks_over_baseline"]["train_flops"]
+    step = report["ratios_ks_over_baseline"]["train_step"]
+    report["flop_floor"] = {
+        "train_flop_ratio": floor,
+        "train_time_ratio": step,
+        "time_over_floor": step / floor if floor and step else None,
+    }
+    print(json.dumps(report))  # one JSON line per run
     if args.output:
         with open(args.output, "w") as f:
-            f.write(text + "\n")
+            f.write(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
