@@ -69,6 +69,9 @@ def add_ks_detr_config(cfg):
     # anchors, as the official code gives every pass identical decoder inputs; only the student's proposals get
     # the _enc loss)
     _K.TEACHER_PROPOSALS = "own"
+    # recompute every decoder layer in the backward instead of keeping its activations (activation
+    # checkpointing of the stacked student + teacher passes): less peak memory for more time (README, "Cost")
+    _K.RECOMPUTE_DECODER = False
     _K.MASK = CN()
     _K.MASK.PAD_PIXELS = 0  # grow every GT box by this many input pixels per side
     _K.MASK.SAMPLING = "bilinear"  # bilinear (official, align_corners) | area (any overlap)

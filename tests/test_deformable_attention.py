@@ -1,5 +1,6 @@
 """Pure-PyTorch multi-scale deformable attention against a naive per-point bilinear reference,
 and the deformable triple attention's three streams."""
+import pytest
 import torch
 
 from ks_detr.modeling.layers import MSDeformAttn, MultiScaleContext, deformable_sample
@@ -48,6 +49,12 @@ def test_deformable_sample_matches_naive_reference():
     loc = torch.rand(B, Lq, H, len(shapes), P, 2, dtype=torch.float64) * 1.2 - 0.1  # some outside
     weights = torch.rand(B, Lq, H, len(shapes), P, dtype=torch.float64)
     torch.testing.assert_close(deformable_sample(value, shapes, loc, weights), naive(value, shapes, loc, weights))
+    # W sets of weights on the same samples: one output per set
+    sets = torch.rand(3, B, Lq, H, len(shapes), P, dtype=torch.float64)
+    out = deformable_sample(value, shapes, loc, sets)
+    assert out.shape == (3, B, Lq, H * D)
+    for i in range(3):
+        torch.testing.assert_close(out[i], naive(value, shapes, loc, sets[i]))
 
 
 def padded_context():
@@ -85,22 +92,42 @@ def test_msdeformattn_masks_padding_values_and_matches_manual_composition():
     torch.testing.assert_close(out, attn.output_proj(naive(v, ctx.shapes, loc, w)))
 
 
-def test_deformable_triple_attention_streams():
-    """Stream s: A V; a: A' V (teacher weights); v: A V' (teacher values); same locations."""
+@pytest.mark.parametrize("mode", ["triple", "share_v", "share_a"])
+def test_deformable_triple_attention_streams(mode):
+    """Stream s: A V; a: A' V (teacher weights); v: A V' (teacher values); same locations. One
+    incoming stream (each value map sampled once) and one per stream (a later KS layer)."""
     torch.manual_seed(2)
     masks, ctx = padded_context()
     key_mask = torch.cat([m.flatten(1) for m in masks], 1)
-    attn = DeformableTripleAttention(16, 2, 2, 3).double()
+    attn = DeformableTripleAttention(16, 2, 2, 3, mode=mode).double()
     for p in attn.parameters():
         torch.nn.init.normal_(p, std=0.3)
     ctx = MultiScaleContext(ctx.shapes, ctx.valid_ratios.double(), ctx.reference_points.double())
+    S = len(attn.streams)
     x, pos, xt = (torch.randn(2, 60, 16, dtype=torch.float64) for _ in range(3))
     out = attn.forward_ks(x, pos, xt, key_mask, 1, ctx)
-    assert out.shape == (6, 60, 16)
+    assert out.shape == (2 * S, 60, 16)
     loc = attn.locations(x + pos, ctx.reference_points, ctx)
-    A, At = attn.weights(x + pos, attn.attention_weights), attn.weights(xt + pos, attn.attention_weights_teacher)
-    V, Vt = attn.values(x, key_mask, attn.value_proj), attn.values(xt, key_mask, attn.value_proj_teacher)
-    for s, (w, v) in enumerate([(A, V), (At, V), (A, Vt)]):
-        ref = attn.output_proj(naive(v, ctx.shapes, loc, w))
-        torch.testing.assert_close(out[2 * s:2 * s + 2], ref)
+    A, V = attn.weights(x + pos, attn.attention_weights), attn.values(x, key_mask, attn.value_proj)
+    parts = {"s": (A, V)}
+    if "a" in attn.streams:
+        parts["a"] = (attn.weights(xt + pos, attn.attention_weights_teacher), V)
+    if "v" in attn.streams:
+        parts["v"] = (A, attn.values(xt, key_mask, attn.value_proj_teacher))
+    for s, kind in enumerate(attn.streams):
+        w, v = parts[kind]
+        torch.testing.assert_close(out[2 * s:2 * s + 2], attn.output_proj(naive(v, ctx.shapes, loc, w)))
     torch.testing.assert_close(out[:2], attn(x, pos, key_mask, ctx))  # the student is plain MSDeformAttn
+
+    # S incoming streams: stream i reads its own input (its locations, the student's or the teacher's parts)
+    xs, xts = torch.randn(2 * S, 60, 16, dtype=torch.float64), torch.randn(2 * S, 60, 16, dtype=torch.float64)
+    ctx_s = ctx.repeat(S)
+    out = attn.forward_ks(xs, pos.repeat(S, 1, 1), xts, key_mask, S, ctx_s)
+    for s, kind in enumerate(attn.streams):
+        x, xt = xs[2 * s:2 * s + 2], xts[2 * s:2 * s + 2]
+        loc = attn.locations(x + pos, ctx.reference_points, ctx)
+        w = attn.weights(x + pos, attn.attention_weights) if kind != "a" else \
+            attn.weights(xt + pos, attn.attention_weights_teacher)
+        v = attn.values(x, key_mask, attn.value_proj) if kind != "v" else \
+            attn.values(xt, key_mask, attn.value_proj_teacher)
+        torch.testing.assert_close(out[2 * s:2 * s + 2], attn.output_proj(naive(v, ctx.shapes, loc, w)))

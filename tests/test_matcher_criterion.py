@@ -50,6 +50,32 @@ def test_matcher_is_the_brute_force_optimum():
         assert math.isclose(sum(cost[q][m] for q, m in zip(rows.tolist(), cols.tolist())), best, rel_tol=1e-5)
 
 
+def test_matcher_of_stacked_outputs_equals_one_call_per_output():
+    """O outputs in one call (one cost computation) give each output's own optimum, as O calls do."""
+    g = torch.Generator().manual_seed(1)
+    matcher = HungarianMatcher()
+    logits = torch.randn(4, 2, 7, 3, generator=g)
+    boxes = random_boxes(56, g).view(4, 2, 7, 4)
+    targets = [
+        {"labels": torch.tensor([0, 2, 1]), "boxes": random_boxes(3, g)},
+        {"labels": torch.tensor([1]), "boxes": random_boxes(1, g)},
+    ]
+    stacked = matcher(logits, boxes, targets)
+    assert len(stacked) == 4
+    for o in range(4):
+        for (r, c), (r1, c1) in zip(stacked[o], matcher(logits[o], boxes[o], targets)):
+            assert torch.equal(r, r1) and torch.equal(c, c1)
+    # outputs of different shapes (e.g. a denoising-free decoder output beside proposals) in one criterion
+    crit = SetCriterion(matcher)
+    outputs = [dict(pred_logits=logits[0], pred_boxes=boxes[0], suffix="", weight=1.0),
+               dict(pred_logits=logits[1, :, :5], pred_boxes=boxes[1, :, :5], suffix="_enc", weight=1.0),
+               dict(pred_logits=logits[2], pred_boxes=boxes[2], suffix="_0", weight=1.0)]
+    indices = crit.match(outputs, targets)
+    for out, pairs in zip(outputs, indices):
+        for (r, c), (r1, c1) in zip(pairs, matcher(out["pred_logits"], out["pred_boxes"], targets)):
+            assert torch.equal(r, r1) and torch.equal(c, c1)
+
+
 def test_matcher_with_images_without_boxes():
     matcher = HungarianMatcher()
     logits, boxes = torch.randn(2, 4, 3), torch.rand(2, 4, 4)

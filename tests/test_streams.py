@@ -120,3 +120,43 @@ def test_teacher_loss_weight_scales_the_teacher_losses_only():
     for k in one:
         expected = one[k] * 0.25 if "_ks_" in k else one[k]
         assert torch.allclose(quarter[k], expected, rtol=1e-6), k
+
+
+def saved_bytes_and_grads(model):
+    """Bytes of the tensors autograd saves for the backward of one KS training forward (each storage
+    once), of those saved inside the decoder layers, the losses and every gradient."""
+    seen, inside = {}, []
+    hooks = [h for layer in model.decoder.layers for h in (
+        layer.register_forward_pre_hook(lambda *_: inside.append(1)),
+        layer.register_forward_hook(lambda *_: inside.clear()))]
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage().nbytes(), bool(inside)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = train_losses(model)
+    for h in hooks:
+        h.remove()
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return sum(b for b, _ in seen.values()), sum(b for b, i in seen.values() if i), losses, grads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recomputed_decoder_gives_the_same_gradients_and_keeps_less(family):
+    """MODEL.KS.RECOMPUTE_DECODER: every decoder layer is recomputed in the backward (dropout draws
+    the same masks again): the same losses and gradients, and no tensor saved inside a decoder layer
+    is held from the forward (the peak-memory effect is measured by tools/benchmark.py)."""
+    torch.manual_seed(0)
+    model = build_model(ks_cfg(family, "MODEL.DETR.DROPOUT", 0.1))
+    _, in_layers, losses, grads = saved_bytes_and_grads(model)
+    model.decoder.recompute = True  # as MODEL.KS.RECOMPUTE_DECODER True builds it
+    assert build_model(ks_cfg(family, "MODEL.KS.RECOMPUTE_DECODER", True)).decoder.recompute
+    _, in_layers_r, losses_r, grads_r = saved_bytes_and_grads(model)
+    assert in_layers > 0 and in_layers_r == 0
+    assert losses.keys() == losses_r.keys() and all(torch.equal(losses[k], losses_r[k]) for k in losses)
+    assert grads.keys() == grads_r.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_r[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)

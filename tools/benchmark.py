@@ -166,13 +166,6 @@ def sdpa_flop_jit(inputs, outputs):
     return q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])
 
 
-def grid_sample_flop_jit(inputs, outputs):
-    """fvcore has no handle for ``grid_sample`` (deformable attention): bilinear sampling reads 4
-    taps per output element, 4 multiply-adds each output (N, C, H_out, W_out) element."""
-    n, c, h, w = get_shape(outputs[0])
-    return 4 * n * c * h * w
-
-
 def count_gflops(model, tensors, train):
     """fvcore GFLOPs (one multiply-add = one flop) of the train or eval forward; on failure
     ``(None, error string)``."""
@@ -182,7 +175,6 @@ def count_gflops(model, tensors, train):
             warnings.simplefilter("ignore")
             flops = FlopCountAnalysis(wrapper, tensors)
             flops.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
-            flops.set_op_handle("aten::grid_sampler", grid_sample_flop_jit)
             flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             with EventStorage():
                 return flops.total() / 1e9, None

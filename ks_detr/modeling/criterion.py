@@ -62,12 +62,24 @@ class SetCriterion(nn.Module):
             out.append((q, j.repeat(groups)))
         return out
 
+    def match(self, outputs, targets):
+        """Hungarian indices of every output; outputs of equal shape are matched in one matcher call."""
+        groups = {}
+        for i, out in enumerate(outputs):
+            groups.setdefault(tuple(out["pred_logits"].shape), []).append(i)
+        indices = [None] * len(outputs)
+        for members in groups.values():
+            found = self.matcher(torch.stack([outputs[i]["pred_logits"].detach() for i in members]),
+                                 torch.stack([outputs[i]["pred_boxes"].detach() for i in members]), targets)
+            for i, pairs in zip(members, found):
+                indices[i] = pairs
+        return indices
+
     def forward(self, outputs, targets):
         device = outputs[0]["pred_logits"].device
         num_boxes = self.num_boxes(targets, device)
         losses = {}
-        for out in outputs:
-            indices = self.matcher(out["pred_logits"], out["pred_boxes"], targets)
+        for out, indices in zip(outputs, self.match(outputs, targets)):
             parts = {"": self.losses(out["pred_logits"], out["pred_boxes"], targets, indices, num_boxes)}
             dn = out.get("dn")
             if dn:

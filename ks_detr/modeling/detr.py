@@ -83,6 +83,7 @@ class DETRBase(nn.Module):
         )
         self.add_named(self.build_queries(cfg))
         self.decoder = self.build_decoder(cfg)
+        self.decoder.recompute = self.ks is not None and ks.RECOMPUTE_DECODER
         self.class_embed, self.bbox_embed = self.build_heads(cfg)
         self.reset_parameters()
 

@@ -18,18 +18,22 @@ class HungarianMatcher(nn.Module):
     def forward(self, pred_logits, pred_boxes, targets):
         """
         Args:
-            pred_logits: (B, Q, K) classification logits; pred_boxes: (B, Q, 4) normalised cxcywh.
+            pred_logits: (B, Q, K) classification logits; pred_boxes: (B, Q, 4) normalised cxcywh;
+                or (O, B, Q, K) and (O, B, Q, 4): O outputs matched in one call, each on its own.
             targets: list of B dicts with "labels" (M_i,) int64 and "boxes" (M_i, 4) cxcywh.
         Returns:
-            list of B (query_idx, target_idx) int64 tensor pairs of equal length min(Q, M_i).
+            list of B (query_idx, target_idx) int64 tensor pairs of equal length min(Q, M_i); with O
+            outputs, O such lists.
         """
-        B, Q, _ = pred_logits.shape
+        if pred_logits.dim() == 3:
+            return self(pred_logits[None], pred_boxes[None], targets)[0]
+        O, B, Q, _ = pred_logits.shape
         sizes = [len(t["labels"]) for t in targets]
         if sum(sizes) == 0:
             empty = torch.empty(0, dtype=torch.int64)
-            return [(empty, empty) for _ in targets]
-        prob = pred_logits.flatten(0, 1).float().sigmoid()
-        boxes = pred_boxes.flatten(0, 1).float()
+            return [[(empty, empty) for _ in targets] for _ in range(O)]
+        prob = pred_logits.flatten(0, 2).float().sigmoid()
+        boxes = pred_boxes.flatten(0, 2).float()
         tgt_ids = torch.cat([t["labels"] for t in targets])
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()
 
@@ -44,9 +48,12 @@ class HungarianMatcher(nn.Module):
                 box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
             )
         )
-        cost = cost.view(B, Q, -1).cpu()
+        cost = cost.view(O, B, Q, -1).cpu()
         out = []
-        for i, c in enumerate(cost.split(sizes, -1)):
-            rows, cols = linear_sum_assignment(c[i].numpy())
-            out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        for per_output in cost:
+            pairs = []
+            for i, c in enumerate(per_output.split(sizes, -1)):
+                rows, cols = linear_sum_assignment(c[i].numpy())
+                pairs.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            out.append(pairs)
         return out

@@ -147,10 +147,21 @@ class DeformableTripleAttention(MSDeformAttn):
         student = (self.weights(q, self.attention_weights), self.values(x, mask, self.value_proj))
         teacher = (self.weights(x_tilde + pos, self.attention_weights_teacher) if "a" in self.streams else None,
                    self.values(x_tilde, mask, self.value_proj_teacher) if "v" in self.streams else None)
-        weights, values = stack_streams(self.streams, streams_in, student, teacher, self.TEACHER_PARTS)
-        loc = repeat_streams(loc, S // streams_in)
         if self.observer is not None:
+            weights, _ = stack_streams(self.streams, streams_in, student, teacher, self.TEACHER_PARTS)
+            locations = repeat_streams(loc, S // streams_in)
             self.observer(dict(key_padding_mask=key_padding_mask,
                                weights=dict(zip(self.streams, weights.chunk(S))),
-                               locations=dict(zip(self.streams, loc.chunk(S)))))
-        return self.output_proj(deformable_sample(values, ctx.shapes, loc, weights))
+                               locations=dict(zip(self.streams, locations.chunk(S)))))
+        if streams_in > 1:  # every stream has its own locations and values
+            weights, values = stack_streams(self.streams, streams_in, student, teacher, self.TEACHER_PARTS)
+            return self.output_proj(deformable_sample(values, ctx.shapes, loc, weights))
+        # One incoming stream: every stream samples at the same locations, so each value map (the
+        # student's V, the teacher's V') is sampled once and weighed for every stream that reads it.
+        out = {}
+        for source, reads_teacher in ((student, False), (teacher, True)):
+            kinds = [k for k in self.streams if (1 in self.TEACHER_PARTS[k]) == reads_teacher]
+            if kinds:
+                w = torch.stack([(teacher if 0 in self.TEACHER_PARTS[k] else student)[0] for k in kinds])
+                out.update(zip(kinds, deformable_sample(source[1], ctx.shapes, loc, w)))
+        return self.output_proj(torch.cat([out[k] for k in self.streams]))

@@ -10,6 +10,7 @@ from .transformer import (
     MLP,
     Dropout,
     HeadsAttention,
+    LayerStack,
     MultiheadAttention,
     TransformerEncoder,
     TransformerEncoderLayer,
@@ -25,6 +26,6 @@ from .transformer import (
 __all__ = ["ConditionalDecoder", "ConditionalDecoderLayer", "DABDecoder", "MSDeformAttn", "MultiScaleContext",
            "deformable_sample", "DeformableDecoder", "DeformableDecoderLayer", "DNDeformableDecoder",
            "DenoisingQueries", "dn_attention_mask", "noised_queries", "QuerySelection", "token_proposals", "MLP",
-           "Dropout", "HeadsAttention", "MultiheadAttention", "TransformerEncoder", "TransformerEncoderLayer",
+           "Dropout", "HeadsAttention", "LayerStack", "MultiheadAttention", "TransformerEncoder", "TransformerEncoderLayer",
            "build_activation", "dropout", "inverse_sigmoid", "multihead_attention", "sine_embed_points",
            "sine_position_embedding", "upcast"]

@@ -7,7 +7,8 @@ Parameter names follow the official Atten4Vis/ConditionalDETR and DAB-DETR code 
 import torch
 from torch import nn
 
-from .transformer import MLP, Dropout, HeadsAttention, build_activation, inverse_sigmoid, sine_embed_points, upcast
+from .transformer import (MLP, Dropout, HeadsAttention, LayerStack, build_activation, inverse_sigmoid,
+                          sine_embed_points, upcast)
 
 
 class ConditionalDecoderLayer(nn.Module):
@@ -60,16 +61,13 @@ class ConditionalDecoderLayer(nn.Module):
         return self.norm3(tgt + self.dropout3(ffn))
 
 
-class ConditionalDecoder(nn.Module):
+class ConditionalDecoder(LayerStack):
     """Reference points from the query embeddings; each layer's spatial query is the sine
     embedding of its reference point scaled by ``query_scale(content)`` (identity in layer 0)."""
 
     def __init__(self, num_layers, d_model, nhead, dim_feedforward, dropout, activation):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, i == 0)
-            for i in range(num_layers)
-        )
+        super().__init__(ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, i == 0)
+                         for i in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
         self.query_scale = MLP(d_model, d_model, d_model, 2)
         self.ref_point_head = MLP(d_model, d_model, 2, 2)
@@ -85,7 +83,7 @@ class ConditionalDecoder(nn.Module):
         hs = []
         for i, layer in enumerate(self.layers):
             scale = 1.0 if i == 0 else self.query_scale(tgt)
-            tgt = layer(tgt, memory, memory_mask, pos, query_pos, sine * scale)
+            tgt = self.run(layer, tgt, memory, memory_mask, pos, query_pos, sine * scale)
             hs.append(self.norm(tgt))
         return torch.stack(hs), reference
 
@@ -120,7 +118,7 @@ class DABDecoder(ConditionalDecoder):
             hw = self.ref_anchor_head(tgt).sigmoid()
             sine = torch.cat([sine[..., : C // 2] * (hw[..., 1] / ref[..., 3])[..., None],
                               sine[..., C // 2 :] * (hw[..., 0] / ref[..., 2])[..., None]], -1)
-            tgt = layer(tgt, memory, memory_mask, pos, query_pos, sine, self_attn_mask)
+            tgt = self.run(layer, tgt, memory, memory_mask, pos, query_pos, sine, self_attn_mask)
             hs.append(self.norm(tgt))
             if i < len(self.layers) - 1:
                 ref = (bbox_embed(tgt) + inverse_sigmoid(ref)).sigmoid().detach()

@@ -57,10 +57,11 @@ def deformable_sample(value, shapes, locations, weights):
     Args:
         value: (B, N, H, D) per-head values of all levels; shapes: [(h_l, w_l)].
         locations: (B, Lq, H, L, P, 2) normalised (x, y) in [0, 1] (outside reads zeros).
-        weights: (B, Lq, H, L, P) attention weights.
+        weights: (B, Lq, H, L, P) attention weights, or (W, B, Lq, H, L, P): W sets of weights
+            applied to the same samples (sampled once).
     Returns:
-        (B, Lq, H * D) in at least float32: 16-bit values and locations are sampled in float32
-        (a bfloat16 location near 1 is off by up to 0.2 cells of a 100-cell map).
+        (B, Lq, H * D), or (W, B, Lq, H * D), in at least float32: 16-bit values and locations are
+        sampled in float32 (a bfloat16 location near 1 is off by up to 0.2 cells of a 100-cell map).
     """
     B, _, H, D = value.shape
     Lq, L, P = locations.shape[1], locations.shape[3], locations.shape[4]
@@ -71,9 +72,10 @@ def deformable_sample(value, shapes, locations, weights):
         v = upcast(v).permute(0, 2, 3, 1).reshape(B * H, D, h, w)
         g = grids[:, :, :, lvl].transpose(1, 2).reshape(B * H, Lq, P, 2)
         samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = weights.transpose(1, 2).reshape(B * H, 1, Lq, L * P)
-    out = (torch.stack(samples, -2).flatten(-2) * weights).sum(-1)  # (B*H, D, Lq)
-    return out.view(B, H * D, Lq).transpose(1, 2)
+    sets = weights.shape[:-5]
+    weights = weights.transpose(-3, -4).reshape(*sets, B * H, 1, Lq, L * P)
+    out = (torch.stack(samples, -2).flatten(-2) * weights).sum(-1)  # (*sets, B*H, D, Lq)
+    return out.view(*sets, B, H * D, Lq).transpose(-1, -2)
 
 
 class MSDeformAttn(nn.Module):

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .deformable_attention import MSDeformAttn
-from .transformer import MLP, Dropout, MultiheadAttention, build_activation, inverse_sigmoid, sine_embed_points
+from .transformer import (MLP, Dropout, LayerStack, MultiheadAttention, build_activation, inverse_sigmoid,
+                          sine_embed_points)
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -36,31 +37,29 @@ class DeformableDecoderLayer(nn.Module):
         return self.norm3(tgt + self.dropout4(ffn))
 
 
-class DeformableDecoder(nn.Module):
+class DeformableDecoder(LayerStack):
     """Deformable DETR's decoder: fixed 2-D reference points, no box refinement, no final norm."""
 
     def __init__(self, num_layers, *layer_args):
-        super().__init__()
-        self.layers = nn.ModuleList(DeformableDecoderLayer(*layer_args) for _ in range(num_layers))
+        super().__init__(DeformableDecoderLayer(*layer_args) for _ in range(num_layers))
 
     def forward(self, tgt, query_pos, reference, memory, memory_mask, ctx):
         """reference: (B, Q, 2) in [0, 1], fixed across layers -> hs (L, B, Q, C) (no final norm)."""
         ref = reference[:, :, None] * ctx.valid_ratios[:, None]
         hs = []
         for layer in self.layers:
-            tgt = layer(tgt, query_pos, ref, memory, memory_mask, ctx)
+            tgt = self.run(layer, tgt, query_pos, ref, memory, memory_mask, ctx)
             hs.append(tgt)
         return torch.stack(hs)
 
 
-class DNDeformableDecoder(nn.Module):
+class DNDeformableDecoder(LayerStack):
     """Deformable decoder on 4-D anchor boxes refined by every layer (DAB/DN-Deformable style):
     query position = ref_point_head(sine(anchor)) x query_scale(content) (identity in layer 0);
     cross-attention samples around each box; layer i's box head refines the anchor (detached)."""
 
     def __init__(self, num_layers, d_model, *layer_args):
-        super().__init__()
-        self.layers = nn.ModuleList(DeformableDecoderLayer(d_model, *layer_args) for _ in range(num_layers))
+        super().__init__(DeformableDecoderLayer(d_model, *layer_args) for _ in range(num_layers))
         self.query_scale = MLP(d_model, d_model, d_model, 2)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
 
@@ -76,7 +75,7 @@ class DNDeformableDecoder(nn.Module):
             query_pos = self.ref_point_head(sine_embed_points(ref_input[:, :, 0], tgt.shape[-1] // 2))
             if i > 0:
                 query_pos = query_pos * self.query_scale(tgt)
-            tgt = layer(tgt, query_pos, ref_input, memory, memory_mask, ctx, self_attn_mask)
+            tgt = self.run(layer, tgt, query_pos, ref_input, memory, memory_mask, ctx, self_attn_mask)
             hs.append(tgt)
             ref = (bbox_embeds[i](tgt) + inverse_sigmoid(ref)).sigmoid().detach()
         return torch.stack(hs), torch.stack(refs)

@@ -64,8 +64,11 @@ class QuerySelection(nn.Module):
         proposals, valid = token_proposals(memory_mask, ctx)
         feats = self.enc_output(memory.masked_fill(~valid[..., None], 0.0))
         logits = self.enc_class_embed(feats)
-        coords = self.enc_bbox_embed(feats) + inverse_sigmoid(proposals)
-        idx = self.topk(logits.max(-1).values.masked_fill(~valid, float("-inf")))
-        logits = torch.gather(logits, 1, idx[..., None].expand(-1, -1, logits.shape[-1]))
-        coords = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 4))
-        return coords.detach(), dict(pred_logits=logits, pred_boxes=coords.sigmoid())
+        idx = self.topk(logits.max(-1).values.masked_fill(~valid, float("-inf")))[..., None]
+
+        def pick(t):  # (B, N, D) -> the selected (B, Q, D)
+            return torch.gather(t, 1, idx.expand(-1, -1, t.shape[-1]))
+
+        # the box head runs on the selected tokens only (it is per token)
+        coords = self.enc_bbox_embed(pick(feats)) + inverse_sigmoid(pick(proposals))
+        return coords.detach(), dict(pred_logits=pick(logits), pred_boxes=coords.sigmoid())

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def build_activation(name):
@@ -191,6 +192,23 @@ class MultiheadAttention(HeadsAttention):
         ``attn_mask``: (N, N) bool, True = blocked."""
         q, k, v = self.project(x, pos, self.in_proj_weight, self.in_proj_bias)
         return super().forward(q, k, v, key_padding_mask, attn_mask)
+
+
+class LayerStack(nn.Module):
+    """A stack of layers (``self.layers``) run by :meth:`run`. With ``recompute`` (set by the model from
+    ``MODEL.KS.RECOMPUTE_DECODER``) each layer keeps only its inputs for the backward and recomputes its
+    activations there (``torch.utils.checkpoint``; dropout draws the same masks again)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.recompute = False
+
+    def run(self, layer, *args, **kwargs):
+        """``layer(*args, **kwargs)``, recomputed in the backward when ``recompute`` and gradients are on."""
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+        return layer(*args, **kwargs)
 
 
 class TransformerEncoderLayer(nn.Module):
