@@ -66,15 +66,15 @@ def deformable_sample(value, shapes, locations, weights):
     B, _, H, D = value.shape
     Lq, L, P = locations.shape[1], locations.shape[3], locations.shape[4]
     grids = 2 * upcast(locations) - 1
-    samples = []
+    sets = weights.shape[:-5]
+    weights = weights.transpose(-3, -4).reshape(*sets, B * H, 1, Lq, L, P)
+    out = 0.0
     for lvl, v in enumerate(value.split([h * w for h, w in shapes], dim=1)):
         h, w = shapes[lvl]
         v = upcast(v).permute(0, 2, 3, 1).reshape(B * H, D, h, w)
         g = grids[:, :, :, lvl].transpose(1, 2).reshape(B * H, Lq, P, 2)
-        samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    sets = weights.shape[:-5]
-    weights = weights.transpose(-3, -4).reshape(*sets, B * H, 1, Lq, L * P)
-    out = (torch.stack(samples, -2).flatten(-2) * weights).sum(-1)  # (*sets, B*H, D, Lq)
+        samples = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*H, D, Lq, P)
+        out = out + (samples * weights[..., lvl, :]).sum(-1)  # level by level: no stacked copy of the samples
     return out.view(*sets, B, H * D, Lq).transpose(-1, -2)
 
 
