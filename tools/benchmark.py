@@ -33,7 +33,12 @@ from fvcore.nn.jit_handles import get_shape  # noqa: E402
 from torch.profiler import ProfilerActivity, record_function  # noqa: E402
 from torch.profiler import profile as torch_profile  # noqa: E402
 
-MODELS = ("baseline", "ks")
+MODELS = ("baseline", "ks", "ks_variant")  # the variant runs only with --variant
+
+
+def models(args):
+    """The models this run measures: baseline, KS and, with ``--variant``, KS with those overrides."""
+    return MODELS if args.variant else MODELS[:2]
 
 
 def log(*args):
@@ -56,6 +61,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast around the forward")
+    parser.add_argument("--variant", nargs="+", metavar="KEY VALUE",
+                        help="also measure the KS model with these extra overrides (model ks_variant), "
+                             "e.g. --variant MODEL.KS.RECOMPUTE_DECODER True")
     parser.add_argument("--profile", action="store_true",
                         help="also profile 2 train steps per model (torch.profiler): time per phase")
     parser.add_argument("--output", help="also write the JSON here")
@@ -68,7 +76,8 @@ def build_cfg(args, which):
     """Frozen config of ``which`` model (``ks_detr.load_config``): random init, ``--device``, the overrides;
     the baseline is ``--baseline-config`` or else the KS config with knowledge sharing off."""
     path = args.baseline_config if which == "baseline" and args.baseline_config else args.config_file
-    cfg = ks_detr.load_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *args.opts])
+    variant = args.variant if which == "ks_variant" else []
+    cfg = ks_detr.load_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *args.opts, *variant])
     if which == "baseline" and not args.baseline_config:
         cfg = ks_detr.config.student_config(cfg)
     cfg.freeze()
@@ -107,7 +116,7 @@ class Runner:
     def __init__(self, cfg, which, args, train_inputs, eval_inputs):
         torch.manual_seed(0)
         self.model = build_model(cfg)
-        if self.model.ks_enabled != (which == "ks"):
+        if self.model.ks_enabled != (which != "baseline"):
             raise ValueError(
                 f"{which} config builds a model with ks_enabled={self.model.ks_enabled}"
             )
@@ -304,11 +313,17 @@ def machine_info(args):
     }
 
 
-def ratio(results, key):
-    """KS / baseline of ``key`` (its median for timings); None when either is missing."""
-    base, ks = (results[w].get(key) for w in MODELS)
+def ratio(results, key, which="ks"):
+    """``which`` / baseline of ``key`` (its median for timings); None when either is missing."""
+    base, ks = (results[w].get(key) for w in ("baseline", which))
     base, ks = (v["median"] if isinstance(v, dict) else v for v in (base, ks))
     return ks / base if base and ks is not None else None
+
+
+def paired_ratio(results, which):
+    """Median over timed repetitions of ``which``'s train step / the baseline's in the same repetition."""
+    pairs = zip(results[which]["train_step_s"]["samples"], results["baseline"]["train_step_s"]["samples"])
+    return statistics.median(k / b for k, b in pairs)
 
 
 def main():
@@ -319,13 +334,13 @@ def main():
     if args.memory_child:
         memory_child(args)
         return
-    cfgs = {which: build_cfg(args, which) for which in MODELS}
+    cfgs = {which: build_cfg(args, which) for which in models(args)}
     tensors = tuple(
         t.to(args.device) for t in make_tensors(args, cfgs["baseline"].MODEL.DETR.NUM_CLASSES)
     )
     train_inputs, eval_inputs = to_inputs(*tensors), to_inputs(tensors[0])
     runners = {
-        which: Runner(cfgs[which], which, args, train_inputs, eval_inputs) for which in MODELS
+        which: Runner(cfgs[which], which, args, train_inputs, eval_inputs) for which in models(args)
     }
     results = {
         which: {
@@ -339,11 +354,11 @@ def main():
             "train_step_s": [],
             "eval_s": [],
         }
-        for which in MODELS
+        for which in models(args)
     }
 
     for rep in range(args.warmup + args.iters):
-        order = MODELS if rep % 2 == 0 else MODELS[::-1]
+        order = models(args) if rep % 2 == 0 else models(args)[::-1]
         times = {
             which: (runners[which].train_step(), runners[which].eval_step()) for which in order
         }
@@ -356,7 +371,7 @@ def main():
             for which, (t, e) in times.items():
                 results[which]["train_step_s"].append(t)
                 results[which]["eval_s"].append(e)
-    for which in MODELS:
+    for which in models(args):
         r = results[which]
         r["train_step_s"], r["eval_s"] = summary(r["train_step_s"]), summary(r["eval_s"])
         for mode, train in (("eval", False), ("train", True)):
@@ -365,11 +380,11 @@ def main():
             if error:
                 r[f"{mode}_gflops_error"] = error
     if args.profile:
-        for which in MODELS:
+        for which in models(args):
             log(f"profiling 2 train steps of {which}")
             results[which]["profile"] = profile_train(runners[which])
     del runners
-    for which in MODELS:
+    for which in models(args):
         log(f"measuring peak memory of {which} in a child process")
         results[which].update(run_memory_child(which, argv))
 
@@ -396,8 +411,18 @@ def main():
             "train_flops": ratio(results, "train_gflops"),
         },
     }
+    # each timed repetition runs the models back to back: the median of those paired ratios is less
+    # sensitive to a machine whose speed drifts than the ratio of the two medians
+    report["ratios_ks_over_baseline"]["train_step_paired"] = paired_ratio(results, "ks")
+    if args.variant:
+        report["variant"] = args.variant
+        report["ratios_variant_over_baseline"] = {
+            "train_step_paired": paired_ratio(results, "ks_variant"),
+            "memory": ratio(results, memory_key, "ks_variant"),
+            "train_flops": ratio(results, "train_gflops", "ks_variant"),
+        }
     floor = report["ratios_ks_over_baseline"]["train_flops"]
-    step = report["ratios_ks_over_baseline"]["train_step"]
+    step = report["ratios_ks_over_baseline"]["train_step_paired"]
     report["flop_floor"] = {
         "train_flop_ratio": floor,
         "train_time_ratio": step,
