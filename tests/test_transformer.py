@@ -4,6 +4,7 @@ import math
 import torch
 
 from ks_detr.modeling.layers import dropout, multihead_attention, sine_embed_points, sine_position_embedding
+from ks_detr.modeling.layers.transformer import keep_mask
 
 
 def test_dropout_keeps_one_minus_p_and_rescales():
@@ -29,6 +30,30 @@ def test_attention_dropout_path_matches_sdpa_without_dropout():
     ref = multihead_attention(q, k, v, 4, pad, 0.0)
     out = multihead_attention(q, k, v, 4, pad, 1e-9)  # explicit path, keeps every element
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_dropout_path_against_the_formula_with_its_mask():
+    """The CPU dropout path is softmax(q k^T / sqrt(d) + mask) * keep / (1 - p) @ v, per head, with the
+    keep mask that :func:`keep_mask` draws from the same RNG state; the gradients follow."""
+    torch.manual_seed(2)
+    B, H, Lq, Lk, d = 2, 4, 5, 7, 4
+    q = torch.randn(B, Lq, H * d, dtype=torch.float64, requires_grad=True)
+    k, v = torch.randn(B, Lk, H * d, dtype=torch.float64), torch.randn(B, Lk, H * 2, dtype=torch.float64)
+    pad = torch.zeros(B, Lk, dtype=torch.bool)
+    pad[1, 5:] = True
+    state = torch.get_rng_state()
+    out = multihead_attention(q, k, v, H, pad, 0.3)
+    torch.set_rng_state(state)
+    keep = keep_mask((B, H, Lq, Lk), 0.3)
+    assert 0.4 < keep.double().mean() < 0.95
+    qh = q.view(B, Lq, H, d).transpose(1, 2)
+    kh, vh = k.view(B, Lk, H, d).transpose(1, 2), v.view(B, Lk, H, 2).transpose(1, 2)
+    logits = (qh @ kh.transpose(-1, -2) / math.sqrt(d)).masked_fill(pad[:, None, None], float("-inf"))
+    ref = ((logits.softmax(-1) * keep / 0.7) @ vh).transpose(1, 2).reshape(B, Lq, H * 2)
+    torch.testing.assert_close(out, ref)
+    g_out, = torch.autograd.grad(out.sum(), q)
+    g_ref, = torch.autograd.grad(ref.sum(), q)
+    torch.testing.assert_close(g_out, g_ref)
 
 
 def test_sine_position_embedding_formula():

@@ -97,18 +97,22 @@ class _ScaleByMask(torch.autograd.Function):
         return grad.mul(keep).mul_(ctx.scale), None, None
 
 
+def keep_mask(shape, p):
+    """A CPU Bernoulli(1 - p) bool mask of ``shape``, drawn from 16-bit random integers (p rounded to
+    1/65536): about 2x faster than torch's CPU dropout, whose random number generation dominates a
+    CPU decoder step."""
+    n = math.prod(shape)
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    return (bits.view(torch.int16)[:n] >= -32768 + round(p * 65536)).view(shape)
+
+
 def dropout(x, p, training):
-    """Inverted dropout. On CPU the Bernoulli(1 - p) keep mask is drawn from 16-bit random
-    integers (p rounded to 1/65536): about 2x faster than torch's CPU dropout, whose random
-    number generation dominates a CPU decoder step. Elsewhere: ``F.dropout``."""
+    """Inverted dropout; on CPU with :func:`keep_mask`, elsewhere ``F.dropout``."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or torch.jit.is_tracing():
         return F.dropout(x, p, True)
-    n = x.numel()
-    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-    keep = (bits.view(torch.int16)[:n] >= -32768 + round(p * 65536)).view(x.shape)
-    return _ScaleByMask.apply(x, keep, 1.0 / (1.0 - p))
+    return _ScaleByMask.apply(x, keep_mask(x.shape, p), 1.0 / (1.0 - p))
 
 
 class Dropout(nn.Dropout):
@@ -140,11 +144,13 @@ def multihead_attention(q, k, v, num_heads, key_padding_mask=None, dropout_p=0.0
         blocked = attn_mask[None, None] if blocked is None else blocked | attn_mask[None, None]
     attn_mask = None if blocked is None else ~blocked
     if dropout_p > 0.0 and q.device.type == "cpu" and not torch.jit.is_tracing():
-        # CPU SDPA with dropout falls back to an unfused path with slow dropout: spell it out.
-        logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        # CPU SDPA with dropout falls back to an unfused path with slow dropout: spell it out. The
+        # 1/sqrt(d) and 1/(1-p) scales go on the small q and output, not on the (Lq, Lk) weights.
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
         if attn_mask is not None:
             logits = logits.masked_fill(~attn_mask, float("-inf"))
-        out = dropout(logits.softmax(-1), dropout_p, True) @ v
+        weights = logits.softmax(-1)
+        out = ((weights * keep_mask(weights.shape, dropout_p)) @ v) * (1.0 / (1.0 - dropout_p))
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     return out.transpose(1, 2).reshape(B, Lq, -1)
