@@ -122,13 +122,22 @@ def test_teacher_loss_weight_scales_the_teacher_losses_only():
         assert torch.allclose(quarter[k], expected, rtol=1e-6), k
 
 
-def saved_bytes_and_grads(model):
+def saved_bytes_and_grads(model, layers, method):
     """Bytes of the tensors autograd saves for the backward of one KS training forward (each storage
-    once), of those saved inside the decoder layers, the losses and every gradient."""
+    once), of those saved inside ``layers`` (calls of their ``method``), the losses and every gradient."""
     seen, inside = {}, []
-    hooks = [h for layer in model.decoder.layers for h in (
-        layer.register_forward_pre_hook(lambda *_: inside.append(1)),
-        layer.register_forward_hook(lambda *_: inside.clear()))]
+
+    def watched(fn):
+        def run(*args, **kwargs):
+            inside.append(1)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside.pop()
+        return run
+
+    for layer in layers:
+        setattr(layer, method, watched(getattr(layer, method)))
 
     def pack(t):
         seen.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage().nbytes(), bool(inside)))
@@ -136,26 +145,34 @@ def saved_bytes_and_grads(model):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         losses = train_losses(model)
-    for h in hooks:
-        h.remove()
+    for layer in layers:
+        delattr(layer, method)
     sum(losses.values()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return sum(b for b, _ in seen.values()), sum(b for b, i in seen.values() if i), losses, grads
 
 
+@pytest.mark.parametrize("part", ["decoder", "ks_layers"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_recomputed_decoder_gives_the_same_gradients_and_keeps_less(family):
-    """MODEL.KS.RECOMPUTE_DECODER: every decoder layer is recomputed in the backward (dropout draws
-    the same masks again): the same losses and gradients, and no tensor saved inside a decoder layer
-    is held from the forward (the peak-memory effect is measured by tools/benchmark.py)."""
+def test_recompute_gives_the_same_gradients_and_keeps_nothing_inside(family, part):
+    """MODEL.KS.RECOMPUTE_DECODER / RECOMPUTE_KS_LAYERS: every decoder layer / KS encoder layer is
+    recomputed in the backward (dropout draws the same masks again): the same losses and gradients,
+    and no tensor saved inside those layers is held from the forward (the peak-memory effect is
+    measured by tools/benchmark.py)."""
     torch.manual_seed(0)
     model = build_model(ks_cfg(family, "MODEL.DETR.DROPOUT", 0.1))
-    _, in_layers, losses, grads = saved_bytes_and_grads(model)
-    model.decoder.recompute = True  # as MODEL.KS.RECOMPUTE_DECODER True builds it
-    assert build_model(ks_cfg(family, "MODEL.KS.RECOMPUTE_DECODER", True)).decoder.recompute
-    _, in_layers_r, losses_r, grads_r = saved_bytes_and_grads(model)
-    assert in_layers > 0 and in_layers_r == 0
+    if part == "decoder":
+        stack, layers, method, key = model.decoder, list(model.decoder.layers), "forward", "RECOMPUTE_DECODER"
+    else:
+        stack, method, key = model.encoder, "forward_ks", "RECOMPUTE_KS_LAYERS"
+        layers = [model.encoder.layers[i] for i in sorted(model.ks.encoder_layers)]
+    _, inside, losses, grads = saved_bytes_and_grads(model, layers, method)
+    stack.recompute = True  # as MODEL.KS.<key> True builds it
+    assert build_model(ks_cfg(family, f"MODEL.KS.{key}", True)).get_submodule(
+        "decoder" if part == "decoder" else "encoder").recompute
+    _, inside_r, losses_r, grads_r = saved_bytes_and_grads(model, layers, method)
+    assert inside > 0 and inside_r == 0
     assert losses.keys() == losses_r.keys() and all(torch.equal(losses[k], losses_r[k]) for k in losses)
     assert grads.keys() == grads_r.keys()
     for name in grads:

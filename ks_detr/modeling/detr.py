@@ -81,6 +81,7 @@ class DETRBase(nn.Module):
              for i in range(d.ENC_LAYERS)],
             pos_scale=self.build_encoder_pos_scale(cfg),
         )
+        self.encoder.recompute = self.ks is not None and ks.RECOMPUTE_KS_LAYERS
         self.add_named(self.build_queries(cfg))
         self.decoder = self.build_decoder(cfg)
         self.decoder.recompute = self.ks is not None and ks.RECOMPUTE_DECODER

@@ -201,9 +201,10 @@ class MultiheadAttention(HeadsAttention):
 
 
 class LayerStack(nn.Module):
-    """A stack of layers (``self.layers``) run by :meth:`run`. With ``recompute`` (set by the model from
-    ``MODEL.KS.RECOMPUTE_DECODER``) each layer keeps only its inputs for the backward and recomputes its
-    activations there (``torch.utils.checkpoint``; dropout draws the same masks again)."""
+    """A stack of layers (``self.layers``) whose subclass runs a layer through :meth:`run`. With
+    ``recompute`` (set by the model from ``MODEL.KS.RECOMPUTE_DECODER`` / ``RECOMPUTE_KS_LAYERS``) such a
+    layer keeps only its inputs for the backward and recomputes its activations there
+    (``torch.utils.checkpoint``; dropout draws the same masks again)."""
 
     def __init__(self, layers):
         super().__init__()
@@ -243,18 +244,17 @@ class TransformerEncoderLayer(nn.Module):
         return self.finish(x, self.self_attn(x, pos, key_padding_mask, ctx))
 
 
-class TransformerEncoder(nn.Module):
+class TransformerEncoder(LayerStack):
     """A stack of encoder layers; knowledge-sharing layers may widen the batch into streams.
 
     In KS training (``ks``, a :class:`ks_detr.modeling.ks.KSBatch`) the layers ``ks.layers`` are
     :class:`ks_detr.modeling.ks.KSEncoderLayer` and turn ``(B, N, C)`` into ``(S*B, N, C)``,
     S = ``ks.num_streams``; later layers then run on all streams. With ``pos_scale`` (DAB-DETR)
-    every layer sees ``pos * pos_scale(x)``.
+    every layer sees ``pos * pos_scale(x)``. ``recompute`` applies to the KS layers only.
     """
 
     def __init__(self, layers, pos_scale=None):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
+        super().__init__(layers)
         self.query_scale = pos_scale
 
     def forward(self, x, pos, key_padding_mask, ks=None, ctx=None):
@@ -267,7 +267,7 @@ class TransformerEncoder(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_pos = pos_s if self.query_scale is None else pos_s * self.query_scale(x)
             if ks is not None and i in ks.layers:
-                x = layer.forward_ks(x, layer_pos, key_padding_mask, ks.fg, ks.smlp, streams, ctx_s)
+                x = self.run(layer.forward_ks, x, layer_pos, key_padding_mask, ks.fg, ks.smlp, streams, ctx_s)
                 if streams == 1:
                     streams = ks.num_streams
                     pos_s = pos.repeat(streams, 1, 1)
