@@ -23,6 +23,7 @@ import weakref
 import torch
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
+from detectron2.engine.hooks import PeriodicWriter
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
@@ -102,7 +103,8 @@ class MixedPrecisionTrainer(SimpleTrainer):
 
 class WallClock(HookBase):
     """Records ``wall_minutes`` (since this process started training, evaluations included) at every
-    iteration, so each row of ``metrics.json`` says when it was reached (``tools/plot_metrics.py --x minutes``)."""
+    iteration and after the final evaluation, so each row of ``metrics.json`` says when it was reached
+    (``tools/plot_metrics.py --x minutes``). It runs after the evaluation hook and before the writer."""
 
     def before_train(self):
         self._start = time.perf_counter()
@@ -110,6 +112,9 @@ class WallClock(HookBase):
     def after_step(self):
         minutes = (time.perf_counter() - self._start) / 60
         self.trainer.storage.put_scalar("wall_minutes", minutes, smoothing_hint=False)
+
+    def after_train(self):
+        self.after_step()  # the final evaluation's row
 
 
 class StepSeed(HookBase):
@@ -216,7 +221,9 @@ class Trainer(DefaultTrainer):
             self.seed = state_dict["seed"]
 
     def build_hooks(self):
-        return [WallClock(), StepSeed()] + super().build_hooks() + [Preemption()]
+        hooks = super().build_hooks()
+        writer = next((i for i, h in enumerate(hooks) if isinstance(h, PeriodicWriter)), len(hooks))
+        return [StepSeed()] + hooks[:writer] + [WallClock()] + hooks[writer:] + [Preemption()]
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
