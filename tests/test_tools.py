@@ -188,3 +188,12 @@ def test_convert_torchvision_resnet_rejects_other_files(tmp_path):
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 2 and last.startswith("error: ") and path in last and why in last, r.stderr[-2000:]
     assert not (tmp_path / "out.pkl").exists()
+
+
+def test_benchmark_variant_needs_key_value_pairs():
+    """tools/benchmark.py --variant with a key and no value: exit 2 with one line naming what it got."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--config-file",
+                        "configs/quickstart/ks_trees.yaml", "--variant", "MODEL.KS.RECOMPUTE_DECODER"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "--variant takes KEY VALUE pairs, got ['MODEL.KS.RECOMPUTE_DECODER']" in r.stderr.strip().splitlines()[-1]

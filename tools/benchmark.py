@@ -69,7 +69,10 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="also write the JSON here")
     parser.add_argument("--memory-child", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.variant and len(args.variant) % 2:
+        parser.error(f"--variant takes KEY VALUE pairs, got {args.variant!r}")
+    return args
 
 
 def build_cfg(args, which):
