@@ -224,25 +224,37 @@ class DETRBase(nn.Module):
         Returns a dict of losses in training, else ``[{"instances": Instances}]`` per image.
         """
         images, pixel_mask = self.preprocess_image(batched_inputs)
+        if not self.training:
+            logits, boxes = self.predict(images.tensor, pixel_mask)
+            return self.inference(logits, boxes, images.image_sizes, batched_inputs)
         features = self.backbone(images.tensor)
         src, pos, key_mask, token_shapes, valid_masks, ctx = self.embed_features(features, pixel_mask)
         B = src.shape[0]
 
         ks = None
-        if self.training and self.ks is not None:
+        if self.ks is not None:
             gt = [x["instances"].gt_boxes.tensor.to(self.device) for x in batched_inputs]
             ks = self.ks.batch(gt, images.image_sizes, images.tensor.shape[-2:], token_shapes, valid_masks)
         memory = self.encoder(src, pos, key_mask, ks, ctx)
         S = ks.num_streams if ks else 1
-        targets = self.prepare_targets(batched_inputs) if self.training else None
+        targets = self.prepare_targets(batched_inputs)
         ctx = None if ctx is None else ctx.repeat(S)
         memory_mask = repeat_streams(key_mask, S) if self.decoder_padding_mask else None
         hs, boxes, extras = self.decode(memory, memory_mask, repeat_streams(pos, S), targets, ctx, S)
         logits = self.predict_logits(hs)
+        return self.criterion(self.loss_outputs(logits, boxes, B, S, extras), targets)
 
-        if self.training:
-            return self.criterion(self.loss_outputs(logits, boxes, B, S, extras), targets)
-        return self.inference(logits[-1], boxes[-1], images.image_sizes, batched_inputs)
+    def predict(self, images, pixel_mask):
+        """The inference network (the student), tensors only (what ``tools/export_model.py`` traces).
+
+        images: (B, 3, H, W) normalised and padded; pixel_mask: (B, H, W) True = padding.
+        Returns the last decoder layer's logits (B, Q, K) and boxes (B, Q, 4) (normalised cxcywh).
+        """
+        features = self.backbone(images)
+        src, pos, key_mask, _, _, ctx = self.embed_features(features, pixel_mask)
+        memory = self.encoder(src, pos, key_mask, None, ctx)
+        hs, boxes, _ = self.decode(memory, key_mask if self.decoder_padding_mask else None, pos, None, ctx, 1)
+        return self.predict_logits(hs)[-1], boxes[-1]
 
     def loss_outputs(self, logits, boxes, batch, streams, extras):
         """Outputs that get a loss: the student's last layer (no suffix), its earlier layers
@@ -288,18 +300,26 @@ class DETRBase(nn.Module):
             targets.append({"labels": inst.gt_classes, "boxes": boxes})
         return targets
 
+    def top_k(self, logits, boxes):
+        """The ``NUM_TOPK_TEST`` best (query, class) pairs per image.
+
+        logits: (B, Q, K), boxes: (B, Q, 4); 16-bit ones (autocast) give float32.
+        Returns scores (B, k), labels (B, k) and their boxes (B, k, 4), best first.
+        """
+        logits, boxes = upcast(logits), upcast(boxes)
+        B, Q, K = logits.shape
+        k = min(self.num_topk, Q * K)
+        scores, idx = logits.sigmoid().flatten(1).topk(k, dim=1)
+        boxes = torch.gather(boxes, 1, torch.div(idx, K, rounding_mode="floor")[..., None].expand(-1, -1, 4))
+        return scores, idx % K, boxes
+
     def inference(self, logits, boxes, image_sizes, batched_inputs):
         """Top-k over queries x classes per image, boxes rescaled to the requested output size.
 
         logits: (B, Q, K), boxes: (B, Q, 4) normalised cxcywh; 16-bit ones (autocast) give float32
         scores and boxes.
         """
-        logits, boxes = upcast(logits), upcast(boxes)
-        B, Q, K = logits.shape
-        k = min(self.num_topk, Q * K)
-        scores, idx = logits.sigmoid().flatten(1).topk(k, dim=1)
-        labels = idx % K
-        boxes = torch.gather(boxes, 1, (idx // K)[..., None].expand(-1, -1, 4))
+        scores, labels, boxes = self.top_k(logits, boxes)
         results = []
         for i, (h, w) in enumerate(image_sizes):
             r = Instances((h, w))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from detectron2.layers import shapes_to_tensor
 from torch import nn
 
 from .transformer import upcast
@@ -118,7 +119,7 @@ class MSDeformAttn(nn.Module):
         ref = reference_points[:, :, None, :, None, :]
         if reference_points.shape[-1] == 4:
             return ref[..., :2] + off / self.n_points * ref[..., 2:] * 0.5
-        wh = torch.tensor([[w, h] for h, w in ctx.shapes], dtype=off.dtype, device=query.device)
+        wh = torch.stack([shapes_to_tensor([w, h], query.device) for h, w in ctx.shapes]).to(off.dtype)  # traceable
         return ref + off / wh[None, None, None, :, None, :]
 
     def weights(self, query, linear):
