@@ -17,14 +17,16 @@ def _full_model_clipping(optim_cls, max_norm):
 
 def build_optimizer(cfg, model):
     """Param groups from detectron2 (no weight decay on norms per ``SOLVER.WEIGHT_DECAY_NORM``),
-    lr x ``SOLVER.BACKBONE_MULTIPLIER`` for ``backbone.*`` parameters."""
+    lr x ``SOLVER.BACKBONE_MULTIPLIER`` for the pretrained trunk: ``backbone.*``, or ``backbone.bottom_up.*``
+    when the backbone is an FPN (its new lateral/output convolutions keep the base lr)."""
     mult = cfg.SOLVER.BACKBONE_MULTIPLIER
+    trunk = "backbone.bottom_up." if hasattr(model.backbone, "bottom_up") else "backbone."
     params = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-        lr_factor_func=lambda name: mult if name.startswith("backbone.") else 1.0,
+        lr_factor_func=lambda name: mult if name.startswith(trunk) else 1.0,
     )
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":

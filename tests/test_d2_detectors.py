@@ -59,3 +59,17 @@ def test_d2_detector_class_count_checked(tmp_path, trees_dataset):
                         "3", "OUTPUT_DIR", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode != 0
     assert "Invalid config MODEL.RETINANET.NUM_CLASSES=3: dataset trees_train has 1 categories" in r.stderr
+
+
+def test_backbone_multiplier_is_for_the_pretrained_trunk_not_the_fpn():
+    from ks_detr import build_optimizer
+
+    model = build_model(make_cfg(D2_QUICKSTART[0], "SOLVER.BACKBONE_MULTIPLIER", 0.1, "SOLVER.BASE_LR", 0.001))
+    lr = {id(p): g["lr"] for g in build_optimizer(make_cfg(D2_QUICKSTART[0], "SOLVER.BACKBONE_MULTIPLIER", 0.1,
+                                                           "SOLVER.BASE_LR", 0.001), model).param_groups
+          for p in g["params"]}
+    by_name = {n: lr[id(p)] for n, p in model.named_parameters() if p.requires_grad}
+    trunk = {v for n, v in by_name.items() if n.startswith("backbone.bottom_up.")}
+    fpn = {v for n, v in by_name.items() if n.startswith("backbone.") and not n.startswith("backbone.bottom_up.")}
+    head = {v for n, v in by_name.items() if n.startswith("head.")}
+    assert len(trunk) == 1 and trunk.pop() == pytest.approx(1e-4) and fpn == {0.001} and head == {0.001}
