@@ -157,4 +157,7 @@ def test_export_tool_errors(tmp_path):
     assert r.returncode != 0 and "MODEL.WEIGHTS is empty" in r.stderr
     r = subprocess.run(tool + ["--format", "tflite"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice: 'tflite'" in r.stderr
-    assert not (tmp_path / "model.ts").exists()
+    r = subprocess.run(tool + ["--format", "onnx", "--check", "nope.jpg", "MODEL.WEIGHTS", "missing.pth"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == "error: no such file: missing.pth, nope.jpg"
+    assert not (tmp_path / "model.ts").exists() and not (tmp_path / "model.onnx").exists()

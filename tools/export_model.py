@@ -26,7 +26,7 @@ from detectron2.data import transforms as T
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ks_detr import load_config  # noqa: E402
 from ks_detr.data.images import read_image  # noqa: E402
-from ks_detr.errors import ConfigError, report_user_errors  # noqa: E402
+from ks_detr.errors import ConfigError, InputError, report_user_errors  # noqa: E402
 from ks_detr.export import FORMATS, ExportableDetector, build_student, export, load_exported  # noqa: E402
 
 
@@ -101,6 +101,9 @@ def run(args):
     cfg = load_config(args.config_file, ["MODEL.DEVICE", "cpu", *args.opts])
     if not cfg.MODEL.WEIGHTS:
         raise ConfigError("MODEL.WEIGHTS is empty: give the checkpoint to export (MODEL.WEIGHTS path/model_final.pth)")
+    missing = [p for p in [cfg.MODEL.WEIGHTS, args.sample_image, *args.check] if p and not os.path.isfile(p)]
+    if missing:
+        raise InputError(f"no such file: {', '.join(missing)}")
     model, dropped = build_student(cfg, cfg.MODEL.WEIGHTS)
     images = {p: test_image(cfg, p) for p in args.check}
     if args.sample_image:
