@@ -50,10 +50,13 @@ def add_ks_detr_config(cfg):
     _C.DECODER_PADDING_MASK = True  # decoder cross-attention ignores padded memory tokens (official C/DAB/DN: False)
     _C.EVAL_PAD_LAST_PIXEL = False  # eval: last row and column of each image count as padding (official C/DAB/DN: True)
     _C.TWO_STAGE = False  # DN-Deformable: anchors = top-k encoder proposals (query selection), own loss
-    _C.DN = CN()  # denoising queries (DN-DETR family only)
+    _C.DN = CN()  # denoising queries (DN-DETR, DN-Deformable DETR, DINO)
     _C.DN.GROUPS = 5  # noised copies of every GT box per image (0 = off)
     _C.DN.LABEL_NOISE = 0.2  # probability of flipping a denoising query's label
-    _C.DN.BOX_NOISE = 0.4  # box noise scale (centre by up to scale*wh/2, size by up to scale*wh)
+    _C.DN.BOX_NOISE = 0.4  # box noise scale (DN: centre by up to scale*wh/2, size by up to scale*wh; DINO: each
+    # corner by up to scale*(w/2 or h/2) for positives, between 1x and 2x that for negatives)
+    # > 0: groups per batch = NUM_QUERIES // (max GT boxes per image), at least 1, instead of GROUPS (DINO's dn_number)
+    _C.DN.NUM_QUERIES = 0
 
     cfg.MODEL.KS = CN()
     _K = cfg.MODEL.KS
@@ -125,6 +128,8 @@ def check_ks_detr_config(cfg):
         _fail("MODEL.DETR.NUM_TOPK_TEST", d.NUM_TOPK_TEST, "must be >= 1")
     if d.DN.GROUPS < 0:
         _fail("MODEL.DETR.DN.GROUPS", d.DN.GROUPS, "must be >= 0")
+    if d.DN.NUM_QUERIES < 0:
+        _fail("MODEL.DETR.DN.NUM_QUERIES", d.DN.NUM_QUERIES, "must be >= 0")
     for key in ("LABEL_NOISE", "BOX_NOISE"):
         if not 0.0 <= d.DN[key] <= 1.0:
             _fail(f"MODEL.DETR.DN.{key}", d.DN[key], "must be in [0, 1]")

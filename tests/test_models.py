@@ -28,9 +28,10 @@ def test_one_train_step(config):
     with EventStorage():
         losses = model(toy_inputs())
     name = os.path.basename(config)
-    ks, dn = name.startswith("ks_"), name.replace("ks_", "", 1).startswith("dn_")
+    ks, dn = name.startswith("ks_"), name.replace("ks_", "", 1).startswith(("dn_", "dino_"))
     n_out = 6 + (2 if ks else 0)  # 6 student layers (+ last layer of 2 teachers)
-    assert len(losses) == 3 * n_out * (2 if dn else 1)  # (+ denoising losses on every output)
+    n_enc = (3 if ks else 1) if "dino_" in name else 0  # DINO: selected proposals of every stream
+    assert len(losses) == 3 * n_out * (2 if dn else 1) + 3 * n_enc  # (+ denoising losses on every output)
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -5,8 +5,10 @@ from .conditional_detr import ConditionalDETR, KSConditionalDETR
 from .dab_detr import DABDETR, KSDABDETR
 from .deformable_detr import DeformableDETR, KSDeformableDETR
 from .detr import DETRBase
+from .dino import DINO, KSDINO
 from .dn_deformable_detr import DNDeformableDETR, KSDNDeformableDETR
 from .dn_detr import DNDETR, KSDNDETR
 
 __all__ = ["DETRBase", "ConditionalDETR", "KSConditionalDETR", "DABDETR", "KSDABDETR", "DNDETR", "KSDNDETR",
-           "DeformableDETR", "KSDeformableDETR", "DNDeformableDETR", "KSDNDeformableDETR"]
+           "DeformableDETR", "KSDeformableDETR", "DNDeformableDETR", "KSDNDeformableDETR",
+           "DINO", "KSDINO"]

@@ -57,10 +57,14 @@ class DNDeformableDETR(DeformableDETR):
         with torch.no_grad():
             self.refpoint_embed.weight.copy_(inverse_sigmoid(torch.rand_like(self.refpoint_embed.weight)).clamp(-3, 3))
 
+    def content_queries(self, rows):
+        """(rows, Q, C) learned content queries: [tgt_embed ; indicator 0]."""
+        tgt = self.tgt_embed.weight
+        return torch.cat([tgt, torch.zeros_like(tgt[:, :1])], -1)[None].expand(rows, -1, -1)
+
     def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
         rows = memory.shape[0]
-        tgt = self.tgt_embed.weight
-        tgt = torch.cat([tgt, torch.zeros_like(tgt[:, :1])], -1)[None].expand(rows, -1, -1)
+        tgt = self.content_queries(rows)
         extras = {}
         if self.two_stage:
             # "student": the teachers decode the student's anchors; only the student's proposals get a loss

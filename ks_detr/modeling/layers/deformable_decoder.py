@@ -56,26 +56,36 @@ class DeformableDecoder(LayerStack):
 class DNDeformableDecoder(LayerStack):
     """Deformable decoder on 4-D anchor boxes refined by every layer (DAB/DN-Deformable style):
     query position = ref_point_head(sine(anchor)) x query_scale(content) (identity in layer 0);
-    cross-attention samples around each box; layer i's box head refines the anchor (detached)."""
+    cross-attention samples around each box; layer i's box head refines the anchor (detached).
 
-    def __init__(self, num_layers, d_model, *layer_args):
+    DINO's form (``dino=True``): no query_scale, a final LayerNorm (``norm``) on every layer's output,
+    and "look forward twice": layer i's prediction box refines the *undetached* box of layer i - 1's
+    head, so a layer's box loss also trains the layer before it."""
+
+    def __init__(self, num_layers, d_model, *layer_args, dino=False):
         super().__init__(DeformableDecoderLayer(d_model, *layer_args) for _ in range(num_layers))
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        self.query_scale = None if dino else MLP(d_model, d_model, d_model, 2)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.norm = nn.LayerNorm(d_model) if dino else None
+        self.look_forward_twice = dino
 
     def forward(self, tgt, anchors, memory, memory_mask, ctx, bbox_embeds, self_attn_mask=None):
-        """tgt (B, Q, C), anchors (B, Q, 4) unsigmoided -> hs (L, B, Q, C) and each layer's input
-        boxes (L, B, Q, 4) in [0, 1]."""
+        """tgt (B, Q, C), anchors (B, Q, 4) unsigmoided -> hs (L, B, Q, C) (normalised with ``norm``)
+        and the boxes each layer's prediction refines (L, B, Q, 4) in [0, 1]: the layer's input
+        boxes, or with look forward twice the same values undetached."""
         ref = anchors.sigmoid()
         valid = torch.cat([ctx.valid_ratios, ctx.valid_ratios], -1)[:, None]  # (B, 1, L, 4)
-        hs, refs = [], []
+        hs, refs, head_ref = [], [], ref
         for i, layer in enumerate(self.layers):
-            refs.append(ref)
+            refs.append(head_ref)
             ref_input = ref[:, :, None] * valid
             query_pos = self.ref_point_head(sine_embed_points(ref_input[:, :, 0], tgt.shape[-1] // 2))
-            if i > 0:
+            if self.query_scale is not None and i > 0:
                 query_pos = query_pos * self.query_scale(tgt)
             tgt = self.run(layer, tgt, query_pos, ref_input, memory, memory_mask, ctx, self_attn_mask)
             hs.append(tgt)
-            ref = (bbox_embeds[i](tgt) + inverse_sigmoid(ref)).sigmoid().detach()
-        return torch.stack(hs), torch.stack(refs)
+            refined = (bbox_embeds[i](tgt) + inverse_sigmoid(ref)).sigmoid()
+            ref = refined.detach()
+            head_ref = refined if self.look_forward_twice else ref
+        hs = torch.stack(hs)
+        return (hs if self.norm is None else self.norm(hs)), torch.stack(refs)
