@@ -24,8 +24,17 @@ TINY = ("MODEL.DETR.HIDDEN_DIM", 32, "MODEL.DETR.NHEADS", 2, "MODEL.DETR.DIM_FEE
         "MODEL.DETR.ENC_LAYERS", 2, "MODEL.DETR.DEC_LAYERS", 2, "MODEL.DETR.NUM_QUERIES", 7,
         "MODEL.DETR.NUM_TOPK_TEST", 20)
 LAYERS = 2
-FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr"]
-DEFORMABLE = ("deformable_detr", "dn_deformable_detr")
+FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr", "dino"]
+DEFORMABLE = ("deformable_detr", "dn_deformable_detr", "dino")
+CONFIG = {f: f"{f}_r50" for f in FAMILIES} | {"dino": "dino_r50_4scale_12ep"}  # configs/[ks_]CONFIG[f].yaml
+# detrex DINO: our name prefix -> its name prefix(es) (heads registered twice; index LAYERS = the proposal heads)
+DETREX_DINO = {"decoder.norm": ["transformer.decoder.norm"], "tgt_embed": ["transformer.tgt_embed"],
+               "dn.label_embed": ["label_enc"], "query_selection.enc_output.0": ["transformer.enc_output"],
+               "query_selection.enc_output.1": ["transformer.enc_output_norm"],
+               **{f"{h}.{i}": [f"{h}.{i}", f"transformer.decoder.{h}.{i}"] for h in ("class_embed", "bbox_embed")
+                  for i in range(LAYERS)},
+               **{f"query_selection.enc_{h}": [f"{h}.{LAYERS}", f"transformer.decoder.{h}.{LAYERS}"]
+                  for h in ("class_embed", "bbox_embed")}}
 # Rows of a 91-row COCO class head that are no category (0 and the 10 ids COCO skips); the rest, in order, are
 # detectron2's 80 contiguous classes (1 person ... 13 stop sign ... 90 toothbrush).
 UNUSED_COCO_ROWS = (0, 12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
@@ -76,7 +85,10 @@ def to_detrex(sd, family):
     deformable = family in DEFORMABLE
     out = {}
     for k, v in sd.items():
-        if k.startswith("backbone."):
+        if family == "dino" and (prefix := next((p for p in DETREX_DINO if k.startswith(p + ".")), None)):
+            for name in DETREX_DINO[prefix]:
+                out[name + k[len(prefix):]] = v
+        elif k.startswith("backbone."):
             out[k] = v
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", k):
             p, rest = f"transformer.encoder.layers.{m[1]}.", m[2]
@@ -160,8 +172,8 @@ def to_official(sd, family):
     return out
 
 
-CASES = ([("ks-detr", f"configs/ks_{f}_r50.yaml", f) for f in FAMILIES]
-         + [("detrex", f"configs/{f}_r50.yaml", f) for f in FAMILIES]
+CASES = ([("ks-detr", f"configs/ks_{CONFIG[f]}.yaml", f) for f in FAMILIES]
+         + [("detrex", f"configs/{CONFIG[f]}.yaml", f) for f in FAMILIES]
          + [("conditional-detr", "configs/conditional_detr_r50.yaml", "conditional_detr"),
             ("dab-detr", "configs/dab_detr_r50.yaml", "dab_detr")])
 
@@ -194,7 +206,7 @@ def test_converted_checkpoint_loads_strictly_and_predicts_the_same(source, confi
     if source in ("conditional-detr", "dab-detr"):
         assert "class_embed.weight: 91 COCO-id rows -> 80 contiguous classes" in caplog.text
     hint = "evaluate with MODEL.DETR.DECODER_PADDING_MASK False MODEL.DETR.EVAL_PAD_LAST_PIXEL True"
-    assert (hint in caplog.text) == (source in ("ks-detr", "detrex") and "deformable" not in family)
+    assert (hint in caplog.text) == (source in ("ks-detr", "detrex") and family not in DEFORMABLE)
 
 
 def test_ks_checkpoint_into_baseline_config_drops_teachers(caplog):

@@ -8,14 +8,16 @@ Sources (``--source``, auto-detected when left out; the config gives the family)
   ks-detr           official KS-DETR (edocanonymous/KS-DETR): detrex names, plus the teachers of the last encoder
                     layer (packed (6C, C) ``in_proj`` = [W_q; W_k; W_v; W'_q; W'_k; W'_v], or the deformable
                     ``attention_weights_teacher`` / ``value_proj_teacher``) and the sMLP ``ksgt.smlp_module.*``
-  detrex            detrex baselines (IDEA-Research/detrex): Conditional, DAB, DN, Deformable, DN-Deformable DETR
+  detrex            detrex baselines (IDEA-Research/detrex): Conditional, DAB, DN, Deformable, DN-Deformable DETR, DINO
   conditional-detr  Atten4Vis/ConditionalDETR (torchvision ResNet ``backbone.0.body.*``, 91-row class head)
   dab-detr          IDEA-Research/DAB-DETR (as Conditional DETR, plus a duplicated ``transformer.decoder.bbox_embed``)
 
 Quirks handled (each logged): 91-row class heads (COCO category ids, row = id) -> the 80 contiguous classes of
 detectron2's COCO metadata; heads stored once per decoder layer but shared (detrex Deformable ``class_embed.{0..5}``,
 DAB ``transformer.decoder.bbox_embed``, PReLU ``ffns.0.activation`` = ``ffns.0.layers.0.1``) -> one tensor, after
-checking the copies are equal; a K-row DN-Deformable label embedding -> K+1 rows (the extra "unknown" row only
+checking the copies are equal; detrex DINO's heads are registered twice (``class_embed.i`` and
+``transformer.decoder.class_embed.i``) and index DEC_LAYERS of them (with ``transformer.enc_output(_norm)``) is our
+``query_selection``; a K-row DN-Deformable label embedding -> K+1 rows (the extra "unknown" row only
 feeds padding slots, which are zeroed, so it is padded with zeros); KS teacher tensors -> our teacher names, or
 dropped (counted) when the config has no teacher there. Dropped without error, counted: ``num_batches_tracked``
 and ``criterion.*`` buffers (no weights). Anything else that does not map, or maps to a wrong shape, is an error
@@ -39,11 +41,12 @@ from ks_detr.errors import CheckpointError, report_user_errors  # noqa: E402
 log = logging.getLogger("ks_detr.convert_checkpoint")
 
 SOURCES = ("ks-detr", "detrex", "conditional-detr", "dab-detr")
-DEFORMABLE = ("DeformableDETR", "DNDeformableDETR")
-# Marker key (our names) -> family, checked in this order (later families' markers are shared by earlier ones).
-FAMILY_MARKERS = (("tgt_embed.weight", "DNDeformableDETR"), ("reference_points.weight", "DeformableDETR"),
-                  ("dn.label_embed.weight", "DNDETR"), ("refpoint_embed.weight", "DABDETR"),
-                  ("query_embed.weight", "ConditionalDETR"))
+DEFORMABLE = ("DeformableDETR", "DNDeformableDETR", "DINO")
+# Marker keys (our names; all present) -> family, checked in this order (later families' markers are shared by
+# earlier ones).
+FAMILY_MARKERS = ((("tgt_embed.weight", "decoder.norm.weight"), "DINO"), (("tgt_embed.weight",), "DNDeformableDETR"),
+                  (("reference_points.weight",), "DeformableDETR"), (("dn.label_embed.weight",), "DNDETR"),
+                  (("refpoint_embed.weight",), "DABDETR"), (("query_embed.weight",), "ConditionalDETR"))
 # Conditional / DAB decoder attention projections: detrex (attentions.{0,1}.*) -> official/ours.
 SELF_ATTN = {"query_content_proj": "sa_qcontent_proj", "query_pos_proj": "sa_qpos_proj",
              "key_content_proj": "sa_kcontent_proj", "key_pos_proj": "sa_kpos_proj", "value_proj": "sa_v_proj",
@@ -175,9 +178,13 @@ def detrex_name(key, family, num_in_features):
     if m := re.fullmatch(r"neck\.(convs|extra_convs)\.(\d+)\.(conv|norm)\.(.+)", key):
         level = int(m[2]) + (num_in_features if m[1] == "extra_convs" else 0)
         return f"input_proj.{level}.{0 if m[3] == 'conv' else 1}.{m[4]}"
-    rules = ((r"transformer\.decoder\.post_norm_layer\.(.+)", "decoder.norm.{}"),
+    rules = ((r"transformer\.decoder\.(?:post_norm_layer|norm)\.(.+)", "decoder.norm.{}"),
              (r"transformer\.(encoder|decoder)\.(query_scale|ref_point_head|ref_anchor_head)\.(.+)", "{}.{}.{}"),
-             (r"transformer\.decoder\.bbox_embed\.(.+)", "bbox_embed.{}"),  # alias of the model's box head(s)
+             (r"transformer\.decoder\.(bbox_embed|class_embed)\.(.+)", "{}.{}"),  # alias of the model's heads
+             (r"transformer\.tgt_embed\.weight", "tgt_embed.weight"),
+             (r"transformer\.enc_output\.(.+)", "query_selection.enc_output.0.{}"),
+             (r"transformer\.enc_output_norm\.(.+)", "query_selection.enc_output.1.{}"),
+             (r"label_enc\.weight", "dn.label_embed.weight"),
              (r"transformer\.level_embeds", "level_embed"),
              (r"transformer\.reference_points\.(.+)", "reference_points.{}"),
              (r"query_embedding\.weight", "query_embed.weight"),
@@ -227,8 +234,12 @@ def split_packed_in_proj(name, value, C, expected, mode, counts):
     return out + [(teacher_name, teacher)]
 
 
-def head_name(name, per_layer):
-    """``class_embed.i.X`` / ``bbox_embed.i.X`` -> ``…X`` when our heads are shared by all layers."""
+def head_name(name, per_layer, num_layers):
+    """``class_embed.i.X`` / ``bbox_embed.i.X`` -> ``…X`` when our heads are shared by all layers; the heads
+    after the last decoder layer's (detrex DINO: index DEC_LAYERS) score the encoder proposals
+    (``query_selection.enc_{class,bbox}_embed.X``)."""
+    if (m := re.fullmatch(r"(class_embed|bbox_embed)\.(\d+)\.(.+)", name)) and int(m[2]) == num_layers:
+        return f"query_selection.enc_{m[1]}.{m[3]}"
     if not per_layer and (m := re.fullmatch(r"(class_embed|bbox_embed)\.\d+\.(.+)", name)):
         return f"{m[1]}.{m[2]}"
     return name
@@ -278,16 +289,16 @@ def convert(sd, cfg, expected, source="auto"):
         if re.fullmatch(r"encoder\.layers\.\d+\.self_attn\.in_proj_(weight|bias)", name):
             pairs = split_packed_in_proj(name, value, C, expected, cfg.MODEL.KS.MODE, counts)
         else:
-            pairs = [(head_name(name, per_layer), value)]
+            pairs = [(head_name(name, per_layer, cfg.MODEL.DETR.DEC_LAYERS), value)]
         for ours, v in pairs:
             groups[ours].append((key, v))
 
-    found = next((fam for marker, fam in FAMILY_MARKERS if marker in groups), None)
+    found = next((fam for markers, fam in FAMILY_MARKERS if all(m in groups for m in markers)), None)
     if found != family:
         raise ConversionError(f"the checkpoint is a {found} model, but the config builds "
                               f"{cfg.MODEL.META_ARCHITECTURE}: pick a {found} config" if found else
                               f"the checkpoint has none of the query embeddings of a known family "
-                              f"({', '.join(m for m, _ in FAMILY_MARKERS)} in our names)")
+                              f"({', '.join(' + '.join(m) for m, _ in FAMILY_MARKERS)} in our names)")
     if unmapped:
         raise ConversionError(f"{len(unmapped)} key(s) of the {layout}-layout checkpoint have no counterpart in "
                               "ks-detr: " + ", ".join(unmapped[:20]) + (" ..." if len(unmapped) > 20 else ""))
