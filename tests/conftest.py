@@ -21,6 +21,12 @@ def make_cfg(config="configs/ks_conditional_detr_r50.yaml", *opts):
     return load_config(os.path.join(REPO, config), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
+def family_config(family, ks=False):
+    """``configs/[ks_]<family>_r50.yaml``; for "dino" the R50 4-scale 12-epoch recipe (detrex's name)."""
+    name = "dino_r50_4scale_12ep" if family == "dino" else f"{family}_r50"
+    return f"configs/{'ks_' if ks else ''}{name}.yaml"
+
+
 def train_net(*args):
     """Run ``train_net.py args`` in the repository; assert it succeeded; return stdout + stderr."""
     r = subprocess.run([sys.executable, os.path.join(REPO, "train_net.py"), *args], cwd=REPO,

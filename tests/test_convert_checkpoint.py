@@ -13,7 +13,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from conftest import REPO, make_cfg, tame_random_backbone
+from conftest import REPO, family_config, make_cfg, tame_random_backbone
 
 _spec = importlib.util.spec_from_file_location("convert_checkpoint",
                                                os.path.join(REPO, "tools", "convert_checkpoint.py"))
@@ -26,7 +26,6 @@ TINY = ("MODEL.DETR.HIDDEN_DIM", 32, "MODEL.DETR.NHEADS", 2, "MODEL.DETR.DIM_FEE
 LAYERS = 2
 FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr", "dino"]
 DEFORMABLE = ("deformable_detr", "dn_deformable_detr", "dino")
-CONFIG = {f: f"{f}_r50" for f in FAMILIES} | {"dino": "dino_r50_4scale_12ep"}  # configs/[ks_]CONFIG[f].yaml
 # detrex DINO: our name prefix -> its name prefix(es) (heads registered twice; index LAYERS = the proposal heads)
 DETREX_DINO = {"decoder.norm": ["transformer.decoder.norm"], "tgt_embed": ["transformer.tgt_embed"],
                "dn.label_embed": ["label_enc"], "query_selection.enc_output.0": ["transformer.enc_output"],
@@ -172,8 +171,8 @@ def to_official(sd, family):
     return out
 
 
-CASES = ([("ks-detr", f"configs/ks_{CONFIG[f]}.yaml", f) for f in FAMILIES]
-         + [("detrex", f"configs/{CONFIG[f]}.yaml", f) for f in FAMILIES]
+CASES = ([("ks-detr", family_config(f, ks=True), f) for f in FAMILIES]
+         + [("detrex", family_config(f), f) for f in FAMILIES]
          + [("conditional-detr", "configs/conditional_detr_r50.yaml", "conditional_detr"),
             ("dab-detr", "configs/dab_detr_r50.yaml", "dab_detr")])
 

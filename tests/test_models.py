@@ -10,7 +10,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis
 
-from conftest import REPO, make_cfg, tame_random_backbone, toy_inputs
+from conftest import REPO, family_config, make_cfg, tame_random_backbone, toy_inputs
 
 pytestmark = pytest.mark.usefixtures("trees_dataset")  # real images (prepared if missing)
 
@@ -72,12 +72,12 @@ def eval_outputs(model, inputs):
         return [r["instances"] for r in model([{"image": x["image"]} for x in inputs])]
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["dn_deformable_detr two-stage"])
+@pytest.mark.parametrize("family", FAMILIES + ["dn_deformable_detr two-stage", "dino"])
 def test_ks_eval_equals_baseline_with_converted_weights(tmp_path, family):
     torch.manual_seed(0)
     family, _, variant = family.partition(" ")
     opts = SMALL + (("MODEL.DETR.TWO_STAGE", True) if variant == "two-stage" else ())
-    ks_model = build_model(make_cfg(f"configs/ks_{family}_r50.yaml", *opts))
+    ks_model = build_model(make_cfg(family_config(family, ks=True), *opts))
     with EventStorage():  # one update so that student and teacher weights are not at init
         sum(ks_model(toy_inputs()).values()).backward()
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_ks_eval_equals_baseline_with_converted_weights(tmp_path, family):
     torch.save({"model": ks_model.state_dict(), "iteration": 1}, ks_path)
     subprocess.run([sys.executable, os.path.join(REPO, "tools/ks_to_student.py"), str(ks_path), str(student_path)],
                    check=True)
-    base = build_model(make_cfg(f"configs/{family}_r50.yaml", *opts))
+    base = build_model(make_cfg(family_config(family), *opts))
     base.load_state_dict(torch.load(student_path, weights_only=True)["model"], strict=True)
 
     inputs = toy_inputs(sizes=((224, 200), (160, 240)))

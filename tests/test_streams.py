@@ -6,12 +6,12 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import make_cfg, toy_inputs
+from conftest import family_config, make_cfg, toy_inputs
 from ks_detr.checkpoint import student_state_dict
 from ks_detr.config import student_config
 
 FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr",
-            "dn_deformable_detr two-stage"]
+            "dn_deformable_detr two-stage", "dino"]
 TINY = ("MODEL.DETR.NUM_QUERIES", 10, "MODEL.DETR.ENC_LAYERS", 3, "MODEL.DETR.DEC_LAYERS", 2,
         "MODEL.DETR.HIDDEN_DIM", 64, "MODEL.DETR.DIM_FEEDFORWARD", 64, "MODEL.DETR.DROPOUT", 0.0,
         "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64)
@@ -20,7 +20,7 @@ TINY = ("MODEL.DETR.NUM_QUERIES", 10, "MODEL.DETR.ENC_LAYERS", 3, "MODEL.DETR.DE
 def ks_cfg(family, *opts):
     family, _, variant = family.partition(" ")
     two_stage = ("MODEL.DETR.TWO_STAGE", True) if variant else ()
-    return make_cfg(f"configs/ks_{family}_r50.yaml", *TINY, *two_stage, *opts)
+    return make_cfg(family_config(family, ks=True), *TINY, *two_stage, *opts)
 
 
 def spy_decode(model):
@@ -97,7 +97,7 @@ def test_teacher_losses_alone_reach_the_shared_weights(family):
     model = build_model(ks_cfg(family))
     losses = train_losses(model)
     sum(v for k, v in losses.items() if "_ks_" in k).backward()
-    deformable = "deformable" in family
+    deformable = "deformable" in family or family == "dino"
     shared = ["input_proj", "encoder.layers.0.", "encoder.layers.2.self_attn." + (
         "value_proj" if deformable else "in_proj_weight"), "encoder.layers.2.linear1", "decoder.", "class_embed",
         "bbox_embed", "backbone.res5"]

@@ -80,7 +80,8 @@ class DNDeformableDETR(DeformableDETR):
         if dn:
             extras["dn"] = dn
         hs, refs = self.decoder(tgt, anchors, memory, memory_mask, ctx, self.bbox_embed, attn_mask)
-        boxes = torch.stack([(head(h) + inverse_sigmoid(r)).sigmoid() for head, h, r in zip(self.bbox_embed, hs, refs)])
+        eps = self.decoder.logit_eps
+        boxes = torch.stack([(head(h) + inverse_sigmoid(r, eps)).sigmoid() for head, h, r in zip(self.bbox_embed, hs, refs)])
         return hs, boxes, extras
 
 

@@ -60,7 +60,8 @@ class DNDeformableDecoder(LayerStack):
 
     DINO's form (``dino=True``): no query_scale, a final LayerNorm (``norm``) on every layer's output,
     and "look forward twice": layer i's prediction box refines the *undetached* box of layer i - 1's
-    head, so a layer's box loss also trains the layer before it."""
+    head, so a layer's box loss also trains the layer before it; box logits clamp at ``logit_eps``
+    1e-3 (detrex's ``inverse_sigmoid``) instead of 1e-5."""
 
     def __init__(self, num_layers, d_model, *layer_args, dino=False):
         super().__init__(DeformableDecoderLayer(d_model, *layer_args) for _ in range(num_layers))
@@ -68,6 +69,7 @@ class DNDeformableDecoder(LayerStack):
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.norm = nn.LayerNorm(d_model) if dino else None
         self.look_forward_twice = dino
+        self.logit_eps = 1e-3 if dino else 1e-5
 
     def forward(self, tgt, anchors, memory, memory_mask, ctx, bbox_embeds, self_attn_mask=None):
         """tgt (B, Q, C), anchors (B, Q, 4) unsigmoided -> hs (L, B, Q, C) (normalised with ``norm``)
@@ -84,7 +86,7 @@ class DNDeformableDecoder(LayerStack):
                 query_pos = query_pos * self.query_scale(tgt)
             tgt = self.run(layer, tgt, query_pos, ref_input, memory, memory_mask, ctx, self_attn_mask)
             hs.append(tgt)
-            refined = (bbox_embeds[i](tgt) + inverse_sigmoid(ref)).sigmoid()
+            refined = (bbox_embeds[i](tgt) + inverse_sigmoid(ref, self.logit_eps)).sigmoid()
             ref = refined.detach()
             head_ref = refined if self.look_forward_twice else ref
         hs = torch.stack(hs)

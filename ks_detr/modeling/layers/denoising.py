@@ -94,7 +94,8 @@ class DenoisingQueries(nn.Module):
     DN-DETR: a content query is [label embedding (C - 1) ; indicator] with indicator 1 for
     denoising queries (the K+1-th row is DN-DETR's "unknown" label); with ``contrastive`` (DINO) it
     is the label embedding alone (K rows, C wide) and every group also holds negatives. Empty
-    padding slots are all zeros (official code). ``MODEL.DETR.DN.NUM_QUERIES`` > 0 sets the number of
+    padding slots are all zeros (official code); DINO's anchor logits clamp at 1e-3 (detrex), DN's at
+    1e-5. ``MODEL.DETR.DN.NUM_QUERIES`` > 0 sets the number of
     groups per batch to NUM_QUERIES // (max GT per image), at least 1 (DINO's ``dn_number``);
     otherwise it is ``MODEL.DETR.DN.GROUPS``.
     """
@@ -106,6 +107,7 @@ class DenoisingQueries(nn.Module):
         self.num_dn_queries = d.DN.NUM_QUERIES
         self.num_classes = d.NUM_CLASSES
         self.contrastive = contrastive
+        self.logit_eps = 1e-3 if contrastive else 1e-5
         if contrastive:
             self.label_embed = nn.Embedding(d.NUM_CLASSES, d.HIDDEN_DIM)
         else:
@@ -147,6 +149,6 @@ class DenoisingQueries(nn.Module):
         labels, boxes, size = noise(targets, groups, self.label_noise, self.box_noise, self.num_classes)
         dn_tgt = self.content(labels).masked_fill((labels == self.num_classes)[..., None], 0.0)
         tgt = torch.cat([dn_tgt.repeat(streams, 1, 1), tgt], 1)
-        anchors = torch.cat([inverse_sigmoid(boxes).repeat(streams, 1, 1), anchors], 1)
+        anchors = torch.cat([inverse_sigmoid(boxes, self.logit_eps).repeat(streams, 1, 1), anchors], 1)
         mask = dn_attention_mask(groups, size, anchors.shape[1] - groups * size, tgt.device)
         return tgt, anchors, mask, dict(groups=groups, group_size=size)
