@@ -25,7 +25,7 @@ def noised_queries(targets, groups, label_noise, box_noise, num_classes):
     B, P = len(targets), groups * g
     device = targets[0]["boxes"].device
     labels = torch.full((B, P), num_classes, dtype=torch.int64, device=device)
-    boxes = torch.full((B, P, 4), 0.5, device=device)
+    boxes = torch.full((B, P, 4), 0.5, dtype=targets[0]["boxes"].dtype, device=device)
     for b, t in enumerate(targets):
         n = len(t["labels"])
         if n == 0:
@@ -55,7 +55,7 @@ def contrastive_noised_queries(targets, groups, label_noise, box_noise, num_clas
     B, P = len(targets), groups * 2 * g
     device = targets[0]["boxes"].device
     labels = torch.full((B, P), num_classes, dtype=torch.int64, device=device)
-    boxes = torch.full((B, P, 4), 0.5, device=device)
+    boxes = torch.full((B, P, 4), 0.5, dtype=targets[0]["boxes"].dtype, device=device)
     for b, t in enumerate(targets):
         n = len(t["labels"])
         if n == 0:
