@@ -8,7 +8,8 @@ from detectron2.utils.events import EventStorage
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from conftest import make_cfg, toy_inputs
-from ks_detr.modeling.layers import contrastive_noised_queries
+from ks_detr.modeling.layers import noised_queries
+from test_denoising import targets
 
 K = 10
 TINY = ("MODEL.DETR.HIDDEN_DIM", 64, "MODEL.DETR.DIM_FEEDFORWARD", 64, "MODEL.DETR.ENC_LAYERS", 2,
@@ -16,18 +17,9 @@ TINY = ("MODEL.DETR.HIDDEN_DIM", 64, "MODEL.DETR.DIM_FEEDFORWARD", 64, "MODEL.DE
         "MODEL.RESNETS.RES2_OUT_CHANNELS", 64)
 
 
-def targets():
-    return [
-        {"labels": torch.tensor([3, 1, 4]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.2, 0.3, 0.1, 0.1],
-                                                                   [0.7, 0.6, 0.3, 0.2]])},
-        {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.6, 0.2, 0.2]])},
-        {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
-    ]
-
-
 def test_contrastive_layout_without_noise():
     """Group k: positives of GT j at k*2g + j, negatives at k*2g + g + j; empty slots are padding."""
-    labels, boxes, size = contrastive_noised_queries(targets(), 2, 0.0, 0.0, K)
+    labels, boxes, size = noised_queries(targets(), 2, 0.0, 0.0, K, contrastive=True)
     g = 3
     assert size == 2 * g and labels.shape == (3, 12) and boxes.shape == (3, 12, 4)
     for k in range(2):
@@ -47,7 +39,7 @@ def test_contrastive_noise_ranges():
     n = 500
     box = torch.tensor([[0.5, 0.5, 0.2, 0.3]])
     t = [{"labels": torch.zeros(n, dtype=torch.int64), "boxes": box.repeat(n, 1)}]
-    labels, boxes, size = contrastive_noised_queries(t, 1, 0.25, 1.0, K)
+    labels, boxes, size = noised_queries(t, 1, 0.25, 1.0, K, contrastive=True)
     half = torch.tensor([0.1, 0.15, 0.1, 0.15])
     gt = box_convert(box, "cxcywh", "xyxy")
     for part, lo, hi in ((slice(0, n), 0.0, 1.0), (slice(n, 2 * n), 1.0, 2.0)):
@@ -102,7 +94,7 @@ def test_contrastive_losses_positives_reconstruct_negatives_are_no_object():
     model = dino()
     crit = model.criterion
     t = targets()[:2]
-    labels, boxes, size = contrastive_noised_queries(t, 2, 0.0, 0.5, 80)
+    labels, boxes, size = noised_queries(t, 2, 0.0, 0.5, 80, contrastive=True)
     torch.manual_seed(3)
     logits = torch.randn(2, boxes.shape[1], 80)
     pred = boxes.clamp(0.05, 0.95)

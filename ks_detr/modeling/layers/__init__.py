@@ -4,7 +4,7 @@ deformable attention, the decoders, denoising queries and two-stage query select
 from .conditional_decoder import ConditionalDecoder, ConditionalDecoderLayer, DABDecoder
 from .deformable_attention import MSDeformAttn, MultiScaleContext, deformable_sample
 from .deformable_decoder import DeformableDecoder, DeformableDecoderLayer, DNDeformableDecoder
-from .denoising import DenoisingQueries, contrastive_noised_queries, dn_attention_mask, noised_queries
+from .denoising import DenoisingQueries, dn_attention_mask, noised_queries
 from .query_selection import QuerySelection, token_proposals
 from .transformer import (
     MLP,
@@ -25,7 +25,7 @@ from .transformer import (
 
 __all__ = ["ConditionalDecoder", "ConditionalDecoderLayer", "DABDecoder", "MSDeformAttn", "MultiScaleContext",
            "deformable_sample", "DeformableDecoder", "DeformableDecoderLayer", "DNDeformableDecoder",
-           "DenoisingQueries", "contrastive_noised_queries", "dn_attention_mask", "noised_queries", "QuerySelection", "token_proposals", "MLP",
+           "DenoisingQueries", "dn_attention_mask", "noised_queries", "QuerySelection", "token_proposals", "MLP",
            "Dropout", "HeadsAttention", "LayerStack", "MultiheadAttention", "TransformerEncoder", "TransformerEncoderLayer",
            "build_activation", "dropout", "inverse_sigmoid", "multihead_attention", "sine_embed_points",
            "sine_position_embedding", "upcast"]

@@ -9,71 +9,57 @@ from torchvision.ops import box_convert
 from .transformer import inverse_sigmoid
 
 
-def noised_queries(targets, groups, label_noise, box_noise, num_classes):
-    """Noise every GT ``groups`` times.
+def dn_box_noise(boxes, copies, scale):
+    """DN-DETR: (n, 4) cxcywh -> (copies * n, 4): centre moved by up to scale * (w/2, h/2), size
+    changed by up to scale * (w, h), clamped to [0, 1]."""
+    box = boxes.repeat(copies, 1)
+    span = torch.cat([box[:, 2:] / 2, box[:, 2:]], 1)
+    return (box + (torch.rand_like(box) * 2 - 1) * span * scale).clamp(0.0, 1.0)
+
+
+def contrastive_box_noise(boxes, copies, scale):
+    """DINO: (n, 4) cxcywh -> (copies * n, 4), copies alternating positive / negative: each corner
+    moves by s * m * (w/2 or h/2) * scale with a random sign s and m ~ U[0, 1) for positives,
+    U[1, 2) for negatives; corners clamped to [0, 1]."""
+    n = boxes.shape[0]
+    corners = box_convert(boxes, "cxcywh", "xyxy").repeat(copies, 1)
+    half = boxes[:, 2:].repeat(copies, 2) / 2
+    negative = (torch.arange(copies, device=boxes.device) % 2).repeat_interleave(n)[:, None]
+    sign = torch.randint_like(corners, 0, 2) * 2 - 1
+    magnitude = torch.rand_like(corners) + negative
+    return box_convert((corners + sign * magnitude * half * scale).clamp(0.0, 1.0), "xyxy", "cxcywh")
+
+
+def noised_queries(targets, groups, label_noise, box_noise, num_classes, contrastive=False):
+    """Noise every GT ``groups`` times (``contrastive``: twice per group, a positive and a negative).
 
     Args:
         targets: list of B dicts with "labels" (M_i,) and "boxes" (M_i, 4) normalised cxcywh.
-        label_noise: probability of replacing a label by a uniformly random class.
-        box_noise: centre shifted by up to box_noise * (w/2, h/2), size by up to box_noise * (w, h).
+        label_noise: probability of replacing a label by a uniformly random class (every copy).
+        box_noise: the scale of :func:`dn_box_noise` or :func:`contrastive_box_noise`.
     Returns:
         labels (B, P) int64 (``num_classes`` = padding slot), boxes (B, P, 4) in [0, 1] (padding
-        0.5) and the group size g = max M_i, with P = groups * g; query k * g + j of image b is the
-        k-th noised copy of GT j of image b.
+        0.5) and the group size s, with g = max M_i, s = g (2g contrastive) and P = groups * s;
+        query c * g + j of image b is its copy c of GT j: group c // 2's positive for even c and
+        negative for odd c if contrastive, else group c.
     """
     g = max(len(t["labels"]) for t in targets)
-    B, P = len(targets), groups * g
+    copies = groups * (2 if contrastive else 1)
+    B, P = len(targets), copies * g
     device = targets[0]["boxes"].device
     labels = torch.full((B, P), num_classes, dtype=torch.int64, device=device)
     boxes = torch.full((B, P, 4), 0.5, dtype=targets[0]["boxes"].dtype, device=device)
+    box_noise_fn = contrastive_box_noise if contrastive else dn_box_noise
     for b, t in enumerate(targets):
         n = len(t["labels"])
         if n == 0:
             continue
-        idx = (torch.arange(groups, device=device)[:, None] * g + torch.arange(n, device=device)).flatten()
-        lab = t["labels"].repeat(groups)
+        idx = (torch.arange(copies, device=device)[:, None] * g + torch.arange(n, device=device)).flatten()
+        lab = t["labels"].repeat(copies)
         flip = torch.rand(lab.shape, device=device) < label_noise
         labels[b, idx] = torch.where(flip, torch.randint_like(lab, 0, num_classes), lab)
-        box = t["boxes"].repeat(groups, 1)
-        span = torch.cat([box[:, 2:] / 2, box[:, 2:]], 1)
-        boxes[b, idx] = (box + (torch.rand_like(box) * 2 - 1) * span * box_noise).clamp(0.0, 1.0)
-    return labels, boxes, g
-
-
-def contrastive_noised_queries(targets, groups, label_noise, box_noise, num_classes):
-    """DINO's contrastive denoising: a positive and a negative noised copy of every GT per group.
-
-    Each corner of a GT box moves by s * m * (w/2 or h/2) * box_noise with a random sign s, and
-    m ~ U[0, 1) for positives, U[1, 2) for negatives; labels flip to a uniform random class with
-    probability ``label_noise``, independently for every copy.
-
-    Returns labels (B, P) (``num_classes`` = padding slot), boxes (B, P, 4) cxcywh in [0, 1]
-    (padding 0.5) and the group size 2g, g = max M_i, P = groups * 2g: query k * 2g + j of image b
-    is group k's positive of GT j, query k * 2g + g + j its negative.
-    """
-    g = max(len(t["labels"]) for t in targets)
-    B, P = len(targets), groups * 2 * g
-    device = targets[0]["boxes"].device
-    labels = torch.full((B, P), num_classes, dtype=torch.int64, device=device)
-    boxes = torch.full((B, P, 4), 0.5, dtype=targets[0]["boxes"].dtype, device=device)
-    for b, t in enumerate(targets):
-        n = len(t["labels"])
-        if n == 0:
-            continue
-        j = torch.arange(n, device=device)
-        start = torch.arange(2 * groups, device=device)[:, None] * g  # positives of group k: chunk 2k
-        idx = (start + j).flatten()
-        negative = (torch.arange(2 * groups, device=device) % 2).repeat_interleave(n).bool()
-        lab = t["labels"].repeat(2 * groups)
-        flip = torch.rand(lab.shape, device=device) < label_noise
-        labels[b, idx] = torch.where(flip, torch.randint_like(lab, 0, num_classes), lab)
-        corners = box_convert(t["boxes"], "cxcywh", "xyxy").repeat(2 * groups, 1)
-        half = t["boxes"][:, 2:].repeat(2 * groups, 2) / 2
-        sign = torch.randint_like(corners, 0, 2) * 2 - 1
-        magnitude = torch.rand_like(corners) + negative[:, None]
-        corners = (corners + sign * magnitude * half * box_noise).clamp(0.0, 1.0)
-        boxes[b, idx] = box_convert(corners, "xyxy", "cxcywh")
-    return labels, boxes, 2 * g
+        boxes[b, idx] = box_noise_fn(t["boxes"], copies, box_noise)
+    return labels, boxes, P // groups
 
 
 def dn_attention_mask(groups, group_size, num_queries, device=None):
@@ -145,8 +131,8 @@ class DenoisingQueries(nn.Module):
             # (with a zero gradient), as DDP needs every trainable parameter in every step.
             return tgt + 0.0 * self.label_embed.weight.sum(), anchors, None, None
         groups = self.num_groups(targets)
-        noise = contrastive_noised_queries if self.contrastive else noised_queries
-        labels, boxes, size = noise(targets, groups, self.label_noise, self.box_noise, self.num_classes)
+        labels, boxes, size = noised_queries(targets, groups, self.label_noise, self.box_noise, self.num_classes,
+                                             self.contrastive)
         dn_tgt = self.content(labels).masked_fill((labels == self.num_classes)[..., None], 0.0)
         tgt = torch.cat([dn_tgt.repeat(streams, 1, 1), tgt], 1)
         anchors = torch.cat([inverse_sigmoid(boxes, self.logit_eps).repeat(streams, 1, 1), anchors], 1)
