@@ -24,7 +24,8 @@ TINY = ["MODEL.DETR.NUM_QUERIES", "20", "MODEL.DETR.ENC_LAYERS", "2", "MODEL.DET
 FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr"]
 CASES = [(f"configs/{ks}{f}_r50.yaml", mode, two) for f in FAMILIES for ks in ("", "ks_")
          for mode in (["triple", "share_v", "share_a"] if ks else [None])
-         for two in ([False, True] if f == "dn_deformable_detr" else [False])]
+         for two in ([False, True] if f == "dn_deformable_detr" else [False])] + [
+    ("configs/dino_r50_4scale_12ep.yaml", None, False), ("configs/ks_dino_r50_4scale_12ep.yaml", "triple", False)]
 
 
 def case_opts(mode, two_stage):

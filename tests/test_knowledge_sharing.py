@@ -8,18 +8,18 @@ import torch
 from detectron2.modeling import build_model
 from torch import nn
 
-from conftest import REPO, make_cfg
+from conftest import REPO, family_config, make_cfg
 from ks_detr.checkpoint import AtomicCheckpointer, is_teacher_only, teacher_only_keys
 from ks_detr.config import student_config
 
-FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr"]
+FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr", "dino"]
 TINY = ("MODEL.DETR.NUM_QUERIES", 10, "MODEL.DETR.ENC_LAYERS", 2, "MODEL.DETR.DEC_LAYERS", 2,
         "MODEL.DETR.HIDDEN_DIM", 64, "MODEL.DETR.DIM_FEEDFORWARD", 64, "MODEL.RESNETS.DEPTH", 18,
         "MODEL.RESNETS.RES2_OUT_CHANNELS", 64)
 
 
 def models(family, *opts):
-    cfg = make_cfg(f"configs/ks_{family}_r50.yaml", *TINY, *opts)
+    cfg = make_cfg(family_config(family, ks=True), *TINY, *opts)
     return build_model(cfg), build_model(student_config(cfg))
 
 

@@ -20,8 +20,23 @@ CONFIGS = sorted(f"configs/{c}" for c in os.listdir(os.path.join(REPO, "configs"
                  if c.endswith(".yaml") and not c.startswith("Base-"))
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+def schedule_variants(configs):
+    """Configs whose MODEL equals an earlier config's (a schedule variant, e.g. ``*_12ep`` of a 50-epoch config)."""
+    seen, variants = set(), set()
+    for config in sorted(configs, key=lambda c: ("_12ep" in c or "_24ep" in c, c)):
+        model = make_cfg(config).MODEL.dump()
+        if model in seen:
+            variants.add(config)
+        seen.add(model)
+    return variants
+
+
+VARIANTS = schedule_variants(CONFIGS)
+
+
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.slow) if c in VARIANTS else c for c in CONFIGS])
 def test_one_train_step(config):
+    """Every config (schedule variants, whose model another config builds, with ``-m slow``)."""
     torch.manual_seed(0)
     model = tame_random_backbone(build_model(make_cfg(config, *SMALL)))
     model.train()
