@@ -73,7 +73,7 @@ def random_image(h, w, seed):
                                     "dn_deformable_detr", "dino"])
 def test_torchscript_every_family_other_sizes(family, tmp_path):
     torch.manual_seed(0)
-    opts = ("MODEL.DETR.NUM_QUERIES", 300) if family == "dino" else ()  # fits the tokens of a 192 x 256 image
+    opts = ("MODEL.DETR.NUM_QUERIES", 100) if family == "dino" else ()  # fits the tokens of a 192 x 256 image
     model = tame_random_backbone(build_model(make_cfg(family_config(family), *ONE_CLASS, *opts))).eval()
     path = str(tmp_path / "model.ts")
     export(ExportableDetector(model), random_image(192, 256, 0), "torchscript", path)
