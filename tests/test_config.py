@@ -95,6 +95,7 @@ def test_unknown_key_is_rejected_with_its_name(tmp_path):
     ("MODEL.MASK_ON", True),
     ("MODEL.DETR.DEFORMABLE_POINTS", 0),
     ("MODEL.DETR.DN.BOX_NOISE", 1.5),
+    ("MODEL.DETR.DN.NUM_QUERIES", -1),
 ])
 def test_invalid_values_name_key_and_value(key, value):
     cfg = make_cfg("configs/ks_conditional_detr_r50.yaml")

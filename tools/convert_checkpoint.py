@@ -238,11 +238,11 @@ def head_name(name, per_layer, num_layers):
     """``class_embed.i.X`` / ``bbox_embed.i.X`` -> ``…X`` when our heads are shared by all layers; the heads
     after the last decoder layer's (detrex DINO: index DEC_LAYERS) score the encoder proposals
     (``query_selection.enc_{class,bbox}_embed.X``)."""
-    if (m := re.fullmatch(r"(class_embed|bbox_embed)\.(\d+)\.(.+)", name)) and int(m[2]) == num_layers:
+    if not (m := re.fullmatch(r"(class_embed|bbox_embed)\.(\d+)\.(.+)", name)):
+        return name
+    if int(m[2]) == num_layers:
         return f"query_selection.enc_{m[1]}.{m[3]}"
-    if not per_layer and (m := re.fullmatch(r"(class_embed|bbox_embed)\.\d+\.(.+)", name)):
-        return f"{m[1]}.{m[2]}"
-    return name
+    return name if per_layer else f"{m[1]}.{m[3]}"
 
 
 def remap_rows(name, value, family, K):

@@ -60,16 +60,15 @@ class DNDeformableDecoder(LayerStack):
 
     DINO's form (``dino=True``): no query_scale, a final LayerNorm (``norm``) on every layer's output,
     and "look forward twice": layer i's prediction box refines the *undetached* box of layer i - 1's
-    head, so a layer's box loss also trains the layer before it; box logits clamp at ``logit_eps``
-    1e-3 (detrex's ``inverse_sigmoid``) instead of 1e-5."""
+    head, so a layer's box loss also trains the layer before it. Box logits clamp at ``logit_eps``."""
 
-    def __init__(self, num_layers, d_model, *layer_args, dino=False):
+    def __init__(self, num_layers, d_model, *layer_args, dino=False, logit_eps=1e-5):
         super().__init__(DeformableDecoderLayer(d_model, *layer_args) for _ in range(num_layers))
         self.query_scale = None if dino else MLP(d_model, d_model, d_model, 2)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.norm = nn.LayerNorm(d_model) if dino else None
         self.look_forward_twice = dino
-        self.logit_eps = 1e-3 if dino else 1e-5
+        self.logit_eps = logit_eps
 
     def forward(self, tgt, anchors, memory, memory_mask, ctx, bbox_embeds, self_attn_mask=None):
         """tgt (B, Q, C), anchors (B, Q, 4) unsigmoided -> hs (L, B, Q, C) (normalised with ``norm``)

@@ -80,20 +80,19 @@ class DenoisingQueries(nn.Module):
     DN-DETR: a content query is [label embedding (C - 1) ; indicator] with indicator 1 for
     denoising queries (the K+1-th row is DN-DETR's "unknown" label); with ``contrastive`` (DINO) it
     is the label embedding alone (K rows, C wide) and every group also holds negatives. Empty
-    padding slots are all zeros (official code); DINO's anchor logits clamp at 1e-3 (detrex), DN's at
-    1e-5. ``MODEL.DETR.DN.NUM_QUERIES`` > 0 sets the number of
+    padding slots are all zeros (official code); anchor logits clamp at ``logit_eps``. ``MODEL.DETR.DN.NUM_QUERIES`` > 0 sets the number of
     groups per batch to NUM_QUERIES // (max GT per image), at least 1 (DINO's ``dn_number``);
     otherwise it is ``MODEL.DETR.DN.GROUPS``.
     """
 
-    def __init__(self, cfg, contrastive=False):
+    def __init__(self, cfg, contrastive=False, logit_eps=1e-5):
         super().__init__()
         d = cfg.MODEL.DETR
         self.groups, self.label_noise, self.box_noise = d.DN.GROUPS, d.DN.LABEL_NOISE, d.DN.BOX_NOISE
         self.num_dn_queries = d.DN.NUM_QUERIES
         self.num_classes = d.NUM_CLASSES
         self.contrastive = contrastive
-        self.logit_eps = 1e-3 if contrastive else 1e-5
+        self.logit_eps = logit_eps
         if contrastive:
             self.label_embed = nn.Embedding(d.NUM_CLASSES, d.HIDDEN_DIM)
         else:
