@@ -197,3 +197,34 @@ def test_benchmark_variant_needs_key_value_pairs():
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2
     assert "--variant takes KEY VALUE pairs, got ['MODEL.KS.RECOMPUTE_DECODER']" in r.stderr.strip().splitlines()[-1]
+
+
+def test_benchmark_peak_allocated_counts_step_start_and_transients():
+    """benchmark.py's CPU peak of allocated memory: the tensors alive when a step starts (parameters,
+    gradients, optimizer state, inputs) plus the largest net allocation inside the step; memory that
+    was freed before a larger allocation does not add up."""
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(REPO, "tools", "benchmark.py"))
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    MiB = 2**20
+
+    class StepOfKnownPeak:
+        def __init__(self):
+            self.model = torch.nn.Linear(512, 512)  # 1 MiB of weights
+            self.optimizer = torch.optim.AdamW(self.model.parameters())
+            self.model(torch.ones(1, 512)).sum().backward()
+            self.optimizer.step()  # now: weights, gradients, exp_avg, exp_avg_sq (and 2 step counters)
+            self.train_inputs = []
+
+        def train_step(self):
+            a = torch.ones(8 * MiB // 4)
+            b = torch.ones(24 * MiB // 4)  # 32 MiB alive here
+            del a, b
+            c = torch.ones(4 * MiB // 4)
+            return float(c[0])
+
+    runner = StepOfKnownPeak()
+    param_mib = sum(p.numel() * p.element_size() for p in runner.model.parameters()) / MiB
+    start = benchmark.step_start_mib(runner)
+    assert 4 * param_mib <= start < 4 * param_mib + 1e-3
+    assert abs(benchmark.peak_allocated_mib(runner) - (start + 32)) < 1e-3

@@ -270,7 +270,41 @@ def memory_child(args):
     result["train_rss_delta_mib"] = result["peak_rss_mib"] - rss_before
     if args.device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    else:  # after the RSS peak was read: the profiler's own memory does not count
+        result["peak_allocated_mib"] = peak_allocated_mib(runner)
     print(json.dumps(result))
+
+
+def step_start_mib(runner):
+    """MiB of the distinct tensor storages a train step starts with: parameters, gradients, buffers,
+    optimizer state and the inputs."""
+    sizes = {}
+    tensors = [*runner.model.parameters(), *runner.model.buffers(),
+               *(p.grad for p in runner.model.parameters()),
+               *(v for state in runner.optimizer.state.values() for v in state.values())]
+    for x in runner.train_inputs:
+        tensors += [x["image"], x["instances"].gt_boxes.tensor, x["instances"].gt_classes]
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(sizes.values()) / 2**20
+
+
+def peak_allocated_mib(runner):
+    """The CPU counterpart of CUDA's ``max_memory_allocated`` over one train step: the tensors alive
+    at its start plus the most that PyTorch's allocator had handed out, net, at any time during the
+    step (``torch.profiler`` memory events). Unlike the RSS peak it does not count memory that the C
+    allocator keeps after PyTorch freed it."""
+    start = step_start_mib(runner)
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.train_step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return start + peak / 2**20
 
 
 def proc_status_mib(key):
@@ -392,6 +426,7 @@ def main():
         results[which].update(run_memory_child(which, argv))
 
     memory_key = "peak_cuda_mib" if args.device == "cuda" else "peak_rss_mib"
+    allocated_key = "peak_cuda_mib" if args.device == "cuda" else "peak_allocated_mib"
     report = {
         "machine": machine_info(args),
         "config_file": args.config_file,
@@ -409,6 +444,7 @@ def main():
             "train_step": ratio(results, "train_step_s"),
             "eval": ratio(results, "eval_s"),
             "memory": ratio(results, memory_key),
+            "memory_allocated": ratio(results, allocated_key),
             "train_rss_delta": ratio(results, "train_rss_delta_mib"),
             "eval_flops": ratio(results, "eval_gflops"),
             "train_flops": ratio(results, "train_gflops"),
@@ -422,6 +458,7 @@ def main():
         report["ratios_variant_over_baseline"] = {
             "train_step_paired": paired_ratio(results, "ks_variant"),
             "memory": ratio(results, memory_key, "ks_variant"),
+            "memory_allocated": ratio(results, allocated_key, "ks_variant"),
             "train_flops": ratio(results, "train_gflops", "ks_variant"),
         }
     floor = report["ratios_ks_over_baseline"]["train_flops"]

@@ -62,6 +62,9 @@ class DETRBase(nn.Module):
         self.eval_pad_last_pixel = d.EVAL_PAD_LAST_PIXEL
 
         self.backbone = build_backbone(cfg)
+        self.channels_last = d.CHANNELS_LAST
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
         self.in_features = list(d.IN_FEATURES)
         shapes = self.backbone.output_shape()
         missing = [f for f in self.in_features if f not in shapes]
@@ -227,7 +230,7 @@ class DETRBase(nn.Module):
         if not self.training:
             logits, boxes = self.predict(images.tensor, pixel_mask)
             return self.inference(logits, boxes, images.image_sizes, batched_inputs)
-        features = self.backbone(images.tensor)
+        features = self.backbone_features(images.tensor)
         src, pos, key_mask, token_shapes, valid_masks, ctx = self.embed_features(features, pixel_mask)
         B = src.shape[0]
 
@@ -244,13 +247,20 @@ class DETRBase(nn.Module):
         logits = self.predict_logits(hs)
         return self.criterion(self.loss_outputs(logits, boxes, B, S, extras), targets)
 
+    def backbone_features(self, images):
+        """(B, 3, H, W) normalised images -> the backbone's feature maps (channels-last with
+        ``MODEL.DETR.CHANNELS_LAST``)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone(images)
+
     def predict(self, images, pixel_mask):
         """The inference network (the student), tensors only (what ``tools/export_model.py`` traces).
 
         images: (B, 3, H, W) normalised and padded; pixel_mask: (B, H, W) True = padding.
         Returns the last decoder layer's logits (B, Q, K) and boxes (B, Q, 4) (normalised cxcywh).
         """
-        features = self.backbone(images)
+        features = self.backbone_features(images)
         src, pos, key_mask, _, _, ctx = self.embed_features(features, pixel_mask)
         memory = self.encoder(src, pos, key_mask, None, ctx)
         hs, boxes, _ = self.decode(memory, key_mask if self.decoder_padding_mask else None, pos, None, ctx, 1)
