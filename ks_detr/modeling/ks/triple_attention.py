@@ -10,7 +10,8 @@ checkpoint) and calls ``observer`` (if set, :meth:`KnowledgeSharing.record`) wit
 import torch
 from torch import nn
 
-from ..layers import MSDeformAttn, MultiheadAttention, TransformerEncoderLayer, deformable_sample, multihead_attention
+from ..layers import (MSDeformAttn, MultiheadAttention, TransformerEncoderLayer, deformable_sample, multihead_attention,
+                      recomputed)
 from .sharing import STREAMS, repeat_streams
 
 
@@ -101,12 +102,18 @@ class KSEncoderLayer(TransformerEncoderLayer):
         super().__init__(d_model, nhead, dim_feedforward, dropout, activation,
                          attention=attention or TripleAttention(d_model, nhead, dropout, mode))
 
-    def forward_ks(self, x, pos, key_padding_mask, fg_mask, smlp, streams_in, ctx=None):
-        """x, pos: (S_in*B, N, C), masks (B, N) -> (S*B, N, C)."""
+    def forward_ks(self, x, pos, key_padding_mask, fg_mask, smlp, streams_in, ctx=None, recompute=False):
+        """x, pos: (S_in*B, N, C), masks (B, N) -> (S*B, N, C).
+
+        ``recompute`` (``MODEL.KS.RECOMPUTE_KS_LAYERS``): the attention and the rest of the layer (norms,
+        FFN) each keep only their inputs and are recomputed one after the other in the backward, so
+        the three streams' activations are never all held at once.
+        """
+        run = recomputed if recompute else (lambda fn, *args: fn(*args))
         x_tilde = smlp(x, repeat_streams(fg_mask, streams_in))
-        attn = self.self_attn.forward_ks(x, pos, x_tilde, key_padding_mask, streams_in, ctx)
+        attn = run(self.self_attn.forward_ks, x, pos, x_tilde, key_padding_mask, streams_in, ctx)
         S = len(self.self_attn.streams)
-        return self.finish(x if streams_in == S else repeat_streams(x, S), attn)
+        return run(self.finish, x if streams_in == S else repeat_streams(x, S), attn)
 
 
 class DeformableTripleAttention(MSDeformAttn):

@@ -18,6 +18,7 @@ from .transformer import (
     dropout,
     inverse_sigmoid,
     multihead_attention,
+    recomputed,
     sine_embed_points,
     sine_position_embedding,
     upcast,
@@ -27,5 +28,5 @@ __all__ = ["ConditionalDecoder", "ConditionalDecoderLayer", "DABDecoder", "MSDef
            "deformable_sample", "DeformableDecoder", "DeformableDecoderLayer", "DNDeformableDecoder",
            "DenoisingQueries", "dn_attention_mask", "noised_queries", "QuerySelection", "token_proposals", "MLP",
            "Dropout", "HeadsAttention", "LayerStack", "MultiheadAttention", "TransformerEncoder", "TransformerEncoderLayer",
-           "build_activation", "dropout", "inverse_sigmoid", "multihead_attention", "sine_embed_points",
+           "build_activation", "dropout", "inverse_sigmoid", "multihead_attention", "recomputed", "sine_embed_points",
            "sine_position_embedding", "upcast"]

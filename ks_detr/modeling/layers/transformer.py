@@ -213,9 +213,15 @@ class LayerStack(nn.Module):
 
     def run(self, layer, *args, **kwargs):
         """``layer(*args, **kwargs)``, recomputed in the backward when ``recompute`` and gradients are on."""
-        if self.recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
-        return layer(*args, **kwargs)
+        return recomputed(layer, *args, **kwargs) if self.recompute and self.training else layer(*args, **kwargs)
+
+
+def recomputed(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` keeping only its inputs for the backward, which recomputes the rest
+    (``torch.utils.checkpoint``; dropout draws the same masks again); a plain call without gradients."""
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -250,7 +256,8 @@ class TransformerEncoder(LayerStack):
     In KS training (``ks``, a :class:`ks_detr.modeling.ks.KSBatch`) the layers ``ks.layers`` are
     :class:`ks_detr.modeling.ks.KSEncoderLayer` and turn ``(B, N, C)`` into ``(S*B, N, C)``,
     S = ``ks.num_streams``; later layers then run on all streams. With ``pos_scale`` (DAB-DETR)
-    every layer sees ``pos * pos_scale(x)``. ``recompute`` applies to the KS layers only.
+    every layer sees ``pos * pos_scale(x)``. ``recompute`` applies to the KS layers only, piece by piece
+    (:meth:`ks_detr.modeling.ks.KSEncoderLayer.forward_ks`).
     """
 
     def __init__(self, layers, pos_scale=None):
@@ -267,7 +274,8 @@ class TransformerEncoder(LayerStack):
         for i, layer in enumerate(self.layers):
             layer_pos = pos_s if self.query_scale is None else pos_s * self.query_scale(x)
             if ks is not None and i in ks.layers:
-                x = self.run(layer.forward_ks, x, layer_pos, key_padding_mask, ks.fg, ks.smlp, streams, ctx_s)
+                x = layer.forward_ks(x, layer_pos, key_padding_mask, ks.fg, ks.smlp, streams, ctx_s,
+                                     recompute=self.recompute and self.training)
                 if streams == 1:
                     streams = ks.num_streams
                     pos_s = pos.repeat(streams, 1, 1)
