@@ -78,7 +78,8 @@ def add_ks_detr_config(cfg):
     # recompute every decoder layer in the backward instead of keeping its activations (activation
     # checkpointing of the stacked student + teacher passes): less peak memory for more time (README, "Cost")
     _K.RECOMPUTE_DECODER = False
-    # the same for the KS encoder layers (the three streams' attention, norms and FFN)
+    # the same for the KS encoder layers, in two pieces (attention; norms and FFN) so that their three
+    # streams' activations are never all held at once
     _K.RECOMPUTE_KS_LAYERS = False
     _K.MASK = CN()
     _K.MASK.PAD_PIXELS = 0  # grow every GT box by this many input pixels per side
