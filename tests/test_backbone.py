@@ -43,3 +43,38 @@ def test_detr_with_mobilenet_builds_and_trains_a_step():
         losses = model(toy_inputs())
     assert all(torch.isfinite(v) for v in losses.values())
     torch.testing.assert_close(model.backbone.features[0][0].weight, imagenet_weights()["features.0.0.weight"])
+
+
+def test_channels_last_backbone_changes_layout_not_results():
+    """MODEL.DETR.CHANNELS_LAST: the backbone's conv weights are stored channels-last and the model
+    computes the same losses, gradients and detections as with the default layout (up to float
+    summation order); the state dicts hold equal values, so checkpoints move between the two."""
+    from detectron2.utils.events import EventStorage
+
+    from conftest import toy_inputs
+    tiny = ("MODEL.DETR.NUM_QUERIES", 10, "MODEL.DETR.ENC_LAYERS", 1, "MODEL.DETR.DEC_LAYERS", 2,
+            "MODEL.DETR.HIDDEN_DIM", 64, "MODEL.DETR.DIM_FEEDFORWARD", 64, "MODEL.RESNETS.DEPTH", 18,
+            "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.DETR.DROPOUT", 0.0)
+    results = {}
+    for on in (True, False):
+        torch.manual_seed(0)
+        model = build_model(make_cfg("configs/ks_conditional_detr_r50.yaml", *tiny, "MODEL.DETR.CHANNELS_LAST", on))
+        conv = model.backbone.res2[0].conv1.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == on and conv.is_contiguous() != on
+        with EventStorage():
+            losses = model(toy_inputs())
+        sum(losses.values()).backward()
+        model.eval()
+        with torch.no_grad():
+            dets = model([{"image": x["image"]} for x in toy_inputs()])
+        results[on] = (model.state_dict(), losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                       [d["instances"].pred_boxes.tensor for d in dets])
+    (sd1, l1, g1, b1), (sd0, l0, g0, b0) = results[True], results[False]
+    assert sd1.keys() == sd0.keys() and all(torch.equal(sd1[k], sd0[k]) for k in sd1)
+    assert l1.keys() == l0.keys() and g1.keys() == g0.keys()
+    for k in l1:
+        torch.testing.assert_close(l1[k], l0[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-3, atol=1e-5, msg=k)
+    for a, b in zip(b1, b0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
