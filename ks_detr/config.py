@@ -50,7 +50,8 @@ def add_ks_detr_config(cfg):
     _C.DECODER_PADDING_MASK = True  # decoder cross-attention ignores padded memory tokens (official C/DAB/DN: False)
     _C.EVAL_PAD_LAST_PIXEL = False  # eval: last row and column of each image count as padding (official C/DAB/DN: True)
     # backbone weights and input in channels-last memory format: faster convolutions (oneDNN on CPU,
-    # cuDNN); only the summation order of the convolutions changes
+    # cuDNN); only the summation order of the convolutions changes. The MobileNet-V2 backbone
+    # (ks_detr/modeling/backbone.py) is channels-last either way, also under detectron2's detectors
     _C.CHANNELS_LAST = True
     _C.TWO_STAGE = False  # DN-Deformable: anchors = top-k encoder proposals (query selection), own loss
     _C.DN = CN()  # denoising queries (DN-DETR, DN-Deformable DETR, DINO)
