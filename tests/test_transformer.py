@@ -76,3 +76,31 @@ def test_sine_embed_points_orders_y_then_x():
     expect = [math.sin(y), math.cos(y), math.sin(y / 100), math.cos(y / 100),
               math.sin(x), math.cos(x), math.sin(x / 100), math.cos(x / 100)]
     torch.testing.assert_close(e[0], torch.tensor(expect), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_with_narrower_values_matches_the_formula_and_keeps_no_weights():
+    """Conditional/DAB cross-attention: q, k heads of size 2d, v heads of size d. The result and its
+    gradients equal softmax(q k^T / sqrt(2d) + masks) @ v per head, and the backward keeps no
+    (Lq, Lk) attention weights (the fused SDPA path, with v zero-padded to the q/k head size)."""
+    torch.manual_seed(3)
+    B, H, Lq, Lk, d = 2, 4, 48, 40, 4
+    q = torch.randn(B, Lq, H * 2 * d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Lk, H * 2 * d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Lk, H * d, dtype=torch.float64, requires_grad=True)
+    pad = torch.zeros(B, Lk, dtype=torch.bool)
+    pad[1, 30:] = True
+    blocked = torch.rand(Lq, Lk) < 0.3
+    blocked[:, 0] = False  # every query sees a key
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = multihead_attention(q, k, v, H, pad, 0.0, blocked)
+    assert out.shape == (B, Lq, H * d)
+    assert max(saved) < B * H * Lq * Lk
+    qh, kh = (t.view(B, -1, H, 2 * d).transpose(1, 2) for t in (q, k))
+    vh = v.view(B, Lk, H, d).transpose(1, 2)
+    logits = (qh @ kh.transpose(-1, -2) / math.sqrt(2 * d)).masked_fill(pad[:, None, None] | blocked, float("-inf"))
+    ref = (logits.softmax(-1) @ vh).transpose(1, 2).reshape(B, Lq, H * d)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
