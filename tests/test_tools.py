@@ -228,3 +228,56 @@ def test_benchmark_peak_allocated_counts_step_start_and_transients():
     start = benchmark.step_start_mib(runner)
     assert 4 * param_mib <= start < 4 * param_mib + 1e-3
     assert abs(benchmark.peak_allocated_mib(runner) - (start + 32)) < 1e-3
+
+
+def test_side_by_side_runs_our_models_in_a_worker(tmp_path):
+    """tools/side_by_side.py with only our KS-DAB and its baseline: one round, each model's step timed in the
+    worker process, the KS model with the teachers' extra losses and parameters, the ratios written."""
+    out = tmp_path / "sbs.json"
+    r = subprocess.run([sys.executable, "tools/side_by_side.py", "--models", "ours_ks_dab,ours_base_dab",
+                        "--rounds", "1", "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    ks, base = res["models"]["ours_ks_dab"], res["models"]["ours_base_dab"]
+    assert len(ks["samples"]) == len(base["samples"]) == 1 and min(ks["samples"] + base["samples"]) > 0
+    assert ks["params"] == 43_931_858 and base["params"] == 43_668_690  # the official models' counts
+    assert ks["loss_terms"] == 24 and base["loss_terms"] == 18  # + 3 losses x 2 teacher streams
+    of_medians, per_round = res["ratios"]["ours_ks_dab/ours_base_dab"]
+    assert of_medians == pytest.approx(ks["samples"][0] / base["samples"][0]) == per_round
+
+
+def test_side_by_side_names_a_missing_checkout(tmp_path):
+    r = subprocess.run([sys.executable, "tools/side_by_side.py", "--models", "official_ks_dab",
+                        "--official-root", str(tmp_path / "nowhere")], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "--official-root" in r.stderr and "nowhere" in r.stderr
+    r = subprocess.run([sys.executable, "tools/side_by_side.py", "--models", "ours_ks_detr"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "ours_ks_detr" in r.stderr
+
+
+def test_benchmark_times_ks_and_variant_each_against_the_baseline(tmp_path):
+    """tools/benchmark.py end to end (quickstart model, tiny images): KS and the variant are each timed in
+    their own pass beside the baseline, the paired ratios come from those passes, and the FLOP floor
+    compares train FLOPs (KS eval FLOPs equal the baseline's)."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "tools/benchmark.py", "--config-file", "configs/quickstart/ks_trees.yaml",
+                        "--size", "160", "--batch", "1", "--boxes", "3", "--iters", "3", "--warmup", "0",
+                        "--threads", "1", "--variant", "MODEL.KS.RECOMPUTE_DECODER", "True", "--output", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    m = rep["models"]
+    base = m["baseline"]["train_step_s"]["samples"]
+    ks, var = m["ks"]["train_step_s"]["samples"], m["ks_variant"]["train_step_s"]["samples"]
+    var_base = m["ks_variant"]["baseline_train_step_s"]
+    assert len(base) == len(ks) == len(var) == len(var_base) == 3
+    assert var_base != base  # the variant's pass timed the baseline again
+    assert rep["ratios_ks_over_baseline"]["train_step_paired"] == pytest.approx(
+        float(np.median([k / b for k, b in zip(ks, base)])))
+    assert rep["ratios_variant_over_baseline"]["train_step_paired"] == pytest.approx(
+        float(np.median([v / b for v, b in zip(var, var_base)])))
+    assert rep["ratios_ks_over_baseline"]["eval_flops"] == 1.0
+    floor = rep["flop_floor"]
+    assert floor["train_flop_ratio"] == pytest.approx(m["ks"]["train_gflops"] / m["baseline"]["train_gflops"])
+    assert floor["train_flop_ratio"] > 1.2
+    assert floor["time_over_floor"] == pytest.approx(floor["train_time_ratio"] / floor["train_flop_ratio"])
