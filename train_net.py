@@ -25,7 +25,7 @@ from torch.multiprocessing import ProcessExitedException
 from ks_detr import load_config
 from ks_detr.checkpoint import load_eval_weights
 from ks_detr.data import check_num_classes, register_checked_coco
-from ks_detr.engine import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, Trainer
+from ks_detr.engine import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, Trainer, keep_freed_cpu_memory
 from ks_detr.errors import ERROR_FILE_ENV, USER_ERROR_EXIT_CODE, repeat_worker_error, report_user_errors
 
 
@@ -34,6 +34,7 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ks_detr")
+    keep_freed_cpu_memory(cfg)
     return cfg
 
 

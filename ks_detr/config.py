@@ -98,6 +98,10 @@ def add_ks_detr_config(cfg):
     # (INPUT.CROP.*) before the usual multi-scale resize.
     cfg.INPUT.CROP.PRE_RESIZE_SIZES = [400, 500, 600]
 
+    # CPU training (MODEL.DEVICE "cpu") on glibc: keep freed memory in the heap for reuse instead of returning
+    # it to the kernel (mallopt), so a step does not page-fault in again what the last one freed (README, "Cost")
+    cfg.CPU_KEEP_FREED_MEMORY = True
+
     cfg.SOLVER.AMP.DTYPE = ""  # with SOLVER.AMP.ENABLED: bfloat16 | float16 ("" = bfloat16 on CPU, float16 on CUDA)
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW | SGD
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # lr factor of parameters under "backbone."

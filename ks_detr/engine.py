@@ -12,6 +12,7 @@
 - Preemption: SIGTERM / SIGUSR1 / SIGUSR2 save a checkpoint after the current step on every
   process, hand the signal to the handler installed before (submitit's requeue), and exit.
 """
+import ctypes
 import inspect
 import logging
 import os
@@ -34,6 +35,23 @@ from .data.sampler import build_resumable_train_loader, mix_seed
 from .solver import build_optimizer
 
 logger = logging.getLogger(__name__)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+def keep_freed_cpu_memory(cfg):
+    """With ``cfg.CPU_KEEP_FREED_MEMORY`` and ``MODEL.DEVICE`` "cpu", make glibc's malloc serve every block
+    below 2 GiB from its heap and never trim the heap (``mallopt`` M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), for
+    this process and the data workers it forks later. By default glibc maps large blocks (activations of
+    more than 32 MiB always) freshly from the kernel and unmaps them on free, so every training step
+    page-faults them in again. Returns True when set (not on other C libraries or devices)."""
+    if not cfg.CPU_KEEP_FREED_MEMORY or cfg.MODEL.DEVICE != "cpu":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    limit = 2**31 - 1  # mallopt takes an int
+    return bool(mallopt(_M_MMAP_THRESHOLD, limit) and mallopt(_M_TRIM_THRESHOLD, limit))
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a process killed by SIGTERM reports
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")

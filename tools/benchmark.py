@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ks_detr  # noqa: E402
+from ks_detr.engine import keep_freed_cpu_memory  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -257,6 +258,7 @@ def profile_train(runner, steps=2):
 def memory_child(args):
     """Peak memory of ``--warmup`` + 1 train steps in this fresh process; prints one JSON line."""
     cfg = build_cfg(args, args.memory_child)
+    keep_freed_cpu_memory(cfg)
     images, boxes, classes = make_tensors(args, cfg.MODEL.DETR.NUM_CLASSES)
     images, boxes, classes = images.to(args.device), boxes.to(args.device), classes.to(args.device)
     runner = Runner(cfg, args.memory_child, args, to_inputs(images, boxes, classes), None)
@@ -391,6 +393,7 @@ def main():
         memory_child(args)
         return
     cfgs = {which: build_cfg(args, which) for which in models(args)}
+    kept = keep_freed_cpu_memory(cfgs["ks"])  # process-wide, as train_net.py does
     tensors = tuple(
         t.to(args.device) for t in make_tensors(args, cfgs["baseline"].MODEL.DETR.NUM_CLASSES)
     )
@@ -452,6 +455,7 @@ def main():
         "warmup": args.warmup,
         "device": args.device,
         "bf16": args.bf16,
+        "cpu_keep_freed_memory": kept,
         "models": results,
         "ratios_ks_over_baseline": {
             "train_step": ratio(results, "train_step_s"),

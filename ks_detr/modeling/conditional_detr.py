@@ -4,6 +4,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .detr import DETRBase
+from .ks import repeat_streams
 from .layers import ConditionalDecoder
 
 
@@ -21,7 +22,7 @@ class ConditionalDETR(DETRBase):
 
     def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
         query_pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)
-        hs, reference = self.decoder(memory, memory_mask, pos, query_pos)
+        hs, reference = self.decoder(memory, memory_mask, repeat_streams(pos, streams), query_pos)
         return hs, self.boxes_around_points(hs, reference), {}
 
 

@@ -6,6 +6,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .detr import DETRBase
+from .ks import repeat_streams
 from .layers import MLP, DABDecoder, inverse_sigmoid
 
 
@@ -42,6 +43,7 @@ class DABDETR(DETRBase):
 
     def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
         tgt, anchors, attn_mask, dn = self.queries(targets, memory.shape[0], streams)
+        pos = repeat_streams(pos, streams)
         hs, refs = self.decoder(tgt, memory, memory_mask, pos, anchors, self.bbox_embed, attn_mask)
         boxes = (self.bbox_embed(hs) + inverse_sigmoid(refs)).sigmoid()
         return hs, boxes, {"dn": dn} if dn else {}

@@ -160,8 +160,9 @@ class DETRBase(nn.Module):
         """Run the decoder on (stacked) memories.
 
         Args:
-            memory, pos: (B', N, C); memory_mask: (B', N) True = padding, or None (padding not masked:
-                ``MODEL.DETR.DECODER_PADDING_MASK`` False); B' = streams * B.
+            memory: (B', N, C), B' = streams * B; pos: (B, N, C), the same for every stream (a family
+                whose decoder reads it repeats it per stream); memory_mask: (B', N) True = padding, or
+                None (padding not masked: ``MODEL.DETR.DECODER_PADDING_MASK`` False).
             targets: the B images' targets in training (denoising families noise them), else None.
             streams: S, the number of stacked streams (KS training), 1 otherwise.
             ctx: the multi-scale context of the memory (B' rows), or None.
@@ -243,7 +244,7 @@ class DETRBase(nn.Module):
         targets = self.prepare_targets(batched_inputs)
         ctx = None if ctx is None else ctx.repeat(S)
         memory_mask = repeat_streams(key_mask, S) if self.decoder_padding_mask else None
-        hs, boxes, extras = self.decode(memory, memory_mask, repeat_streams(pos, S), targets, ctx, S)
+        hs, boxes, extras = self.decode(memory, memory_mask, pos, targets, ctx, S)
         logits = self.predict_logits(hs)
         return self.criterion(self.loss_outputs(logits, boxes, B, S, extras), targets)
 

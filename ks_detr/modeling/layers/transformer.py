@@ -83,18 +83,19 @@ def sine_embed_points(points, num_feats, temperature=10000, scale=2 * math.pi):
 
 
 class _ScaleByMask(torch.autograd.Function):
-    """y = x * keep * scale, saving only the bool mask for backward."""
+    """y = x * keep * scale, saving only the bool mask for backward (``where`` reads the mask as it is;
+    a product would first convert it to a float tensor the size of x)."""
 
     @staticmethod
     def forward(ctx, x, keep, scale):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x.mul(keep).mul_(scale)
+        return torch.where(keep, x, 0.0).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None, None
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
 
 
 def keep_mask(shape, p):
@@ -150,7 +151,7 @@ def multihead_attention(q, k, v, num_heads, key_padding_mask=None, dropout_p=0.0
         if attn_mask is not None:
             logits = logits.masked_fill(~attn_mask, float("-inf"))
         weights = logits.softmax(-1)
-        out = ((weights * keep_mask(weights.shape, dropout_p)) @ v) * (1.0 / (1.0 - dropout_p))
+        out = (torch.where(keep_mask(weights.shape, dropout_p), weights, 0.0) @ v) * (1.0 / (1.0 - dropout_p))
     elif q.device.type == "cpu" and v.shape[-1] < q.shape[-1]:
         # CPU flash attention needs one head size for q, k and v; otherwise SDPA takes its unfused path,
         # which keeps the (Lq, Lk) weights for the backward. Zero columns of v give zero output columns.
@@ -283,9 +284,10 @@ class TransformerEncoder(LayerStack):
                                      recompute=self.recompute and self.training)
                 if streams == 1:
                     streams = ks.num_streams
-                    pos_s = pos.repeat(streams, 1, 1)
-                    mask_s = key_padding_mask.repeat(streams, 1)
-                    ctx_s = None if ctx is None else ctx.repeat(streams)
+                    if i + 1 < len(self.layers):  # the later layers run on every stream
+                        pos_s = pos.repeat(streams, 1, 1)
+                        mask_s = key_padding_mask.repeat(streams, 1)
+                        ctx_s = None if ctx is None else ctx.repeat(streams)
             else:
                 x = layer(x, layer_pos, mask_s, ctx_s)
         return x
