@@ -48,13 +48,13 @@ def test_stacked_decoder_equals_one_pass_per_stream(family):
         model(toy_inputs(with_empty=False))
     (memory, mask, pos, targets, ctx, S), rng, (hs, boxes, extras) = calls[0]
     B = len(targets)
-    assert S == 3 and memory.shape[0] == S * B
+    assert S == 3 and memory.shape[0] == S * B and pos.shape[0] == B  # pos: one per image, for every stream
     assert (memory[B:] - memory[:B].repeat(2, 1, 1)).abs().amax(dim=(1, 2)).min() > 1e-3  # streams differ
     for s in range(S):
         rows = slice(s * B, (s + 1) * B)
         torch.set_rng_state(rng)  # the same denoising noise as the stacked call
         one_ctx = None if ctx is None else ctx.first(B)
-        hs_s, boxes_s, extras_s = decode(memory[rows], mask[rows], pos[rows], targets, one_ctx, 1)
+        hs_s, boxes_s, extras_s = decode(memory[rows], mask[rows], pos, targets, one_ctx, 1)
         assert torch.allclose(hs_s, hs[:, rows], atol=1e-5), s
         assert torch.allclose(boxes_s, boxes[:, rows], atol=1e-5), s
         assert extras_s.get("dn") == extras.get("dn")
