@@ -35,6 +35,9 @@ from .data.sampler import build_resumable_train_loader, mix_seed
 from .solver import build_optimizer
 
 logger = logging.getLogger(__name__)
+_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a process killed by SIGTERM reports
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
 
@@ -52,9 +55,6 @@ def keep_freed_cpu_memory(cfg):
         return False
     limit = 2**31 - 1  # mallopt takes an int
     return bool(mallopt(_M_MMAP_THRESHOLD, limit) and mallopt(_M_TRIM_THRESHOLD, limit))
-_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a process killed by SIGTERM reports
-PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 
 def amp_dtype(cfg):

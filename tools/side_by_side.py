@@ -32,6 +32,8 @@ import time
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
+sys.path.insert(0, TOOLS)  # `import benchmark` (its seeded batch, configs, inputs) only where ours run: it imports
+# ks_detr, which the official and detrex workers must not load beside their own registrations
 BENCH_ARGS = ["--batch", "2", "--size", "512", "--boxes", "10"]
 THREADS = 2
 NUM_CLASSES = 80
@@ -48,17 +50,11 @@ for _f in ("conditional", "dab"):
     })
 
 
-def benchmark_module():
-    sys.path.insert(0, TOOLS)
-    import benchmark
-    return benchmark
-
-
 def build_ours(spec, tensors):
     """``tools/benchmark.py``'s model (random init; the baseline is the KS config with KS off) and inputs."""
     import torch
     from detectron2.modeling import build_model
-    bm = benchmark_module()
+    import benchmark as bm
     config, ks = spec
     cfg = bm.build_cfg(bm.parse_args(["--config-file", os.path.join(REPO, config)]), "ks" if ks else "baseline")
     torch.manual_seed(0)
@@ -143,7 +139,7 @@ class Worker:
 
 
 def ratios(res):
-    """"a/b": (ratio of the medians, median of the per-round ratios) for every pair the table compares."""
+    """``"a/b"`` -> (ratio of the medians, median of the per-round ratios), for every pair the table compares."""
     out = {}
     for f in ("conditional", "dab"):
         pairs = [(f"ours_ks_{f}", f"official_ks_{f}"), (f"ours_base_{f}", f"official_base_{f}"),
@@ -179,7 +175,7 @@ def main():
             p.error(f"--{codebase}-root {roots[codebase]!r} is not a checkout with a detrex/ package")
 
     import torch
-    bm = benchmark_module()
+    import benchmark as bm
     tensor_file = os.path.join(tempfile.mkdtemp(prefix="side_by_side_"), "batch.pt")
     torch.save(bm.make_tensors(bm.parse_args(["--config-file", "-", *BENCH_ARGS]), NUM_CLASSES), tensor_file)
     workers = {}

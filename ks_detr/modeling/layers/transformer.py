@@ -134,7 +134,7 @@ def multihead_attention(q, k, v, num_heads, key_padding_mask=None, dropout_p=0.0
         (B, Lq, Ev)
     """
     B, Lq, _ = q.shape
-    Lk, Ev = k.shape[1], v.shape[-1]
+    Lk = k.shape[1]
     q = q.view(B, Lq, num_heads, -1).transpose(1, 2)
     k = k.view(B, Lk, num_heads, -1).transpose(1, 2)
     v = v.view(B, Lk, num_heads, -1).transpose(1, 2)
@@ -155,8 +155,9 @@ def multihead_attention(q, k, v, num_heads, key_padding_mask=None, dropout_p=0.0
     elif q.device.type == "cpu" and v.shape[-1] < q.shape[-1]:
         # CPU flash attention needs one head size for q, k and v; otherwise SDPA takes its unfused path,
         # which keeps the (Lq, Lk) weights for the backward. Zero columns of v give zero output columns.
-        v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)[..., : Ev // num_heads]
+        d_v = v.shape[-1]
+        v = F.pad(v, (0, q.shape[-1] - d_v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)[..., :d_v]
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     return out.transpose(1, 2).reshape(B, Lq, -1)
