@@ -17,16 +17,20 @@ class DetrDatasetMapper:
     json width/height refer to the displayed image), grayscale replicated to 3 channels, alpha
     composited onto black, more than 8 bits per sample min-max stretched to 0-255 per image.
 
-    Train: random flip, then with probability 0.5 a resize to one of
-    ``INPUT.CROP.PRE_RESIZE_SIZES`` + ``RandomCrop(INPUT.CROP.TYPE, INPUT.CROP.SIZE)``, then the
-    multi-scale ``ResizeShortestEdge(INPUT.MIN_SIZE_TRAIN, INPUT.MAX_SIZE_TRAIN)``.
+    Train: random flip (``INPUT.RANDOM_FLIP``: horizontal, vertical or none), then with probability
+    0.5 a resize to one of ``INPUT.CROP.PRE_RESIZE_SIZES`` + ``RandomCrop(INPUT.CROP.TYPE,
+    INPUT.CROP.SIZE)``, then the multi-scale ``ResizeShortestEdge(INPUT.MIN_SIZE_TRAIN,
+    INPUT.MAX_SIZE_TRAIN)``.
     """
 
     def __init__(self, cfg, is_train=True):
         self.is_train = is_train
         self.img_format = cfg.INPUT.FORMAT
         if is_train:
-            flip = [T.RandomFlip()] if cfg.INPUT.RANDOM_FLIP != "none" else []
+            # as detectron2's build_augmentation: "horizontal" | "vertical" (probability 0.5) | "none"
+            flip = [] if cfg.INPUT.RANDOM_FLIP == "none" else [
+                T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                             vertical=cfg.INPUT.RANDOM_FLIP == "vertical")]
             resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
                                           cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)
             self.augs = T.AugmentationList(flip + [resize])
