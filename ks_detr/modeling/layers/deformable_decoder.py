@@ -88,5 +88,8 @@ class DNDeformableDecoder(LayerStack):
             refined = (bbox_embeds[i](tgt) + inverse_sigmoid(ref, self.logit_eps)).sigmoid()
             ref = refined.detach()
             head_ref = refined if self.look_forward_twice else ref
+        if self.query_scale is not None and len(self.layers) == 1:
+            # query_scale scales layers 1.. only: a zero keeps it in the graph (DDP needs every parameter)
+            hs[0] = hs[0] + 0.0 * sum(p.sum() for p in self.query_scale.parameters())
         hs = torch.stack(hs)
         return (hs if self.norm is None else self.norm(hs)), torch.stack(refs)

@@ -123,11 +123,12 @@ class DenoisingQueries(nn.Module):
             and the dn metadata ``dict(groups, group_size)`` or None; the first half of a
             contrastive group are its positives.
         """
-        if targets is None or (self.groups == 0 and not self.num_dn_queries):
+        if targets is None:
             return tgt, anchors, None, None
-        if not any(len(t["labels"]) for t in targets):
-            # No box in this batch: no denoising queries, but the label embedding still takes part
-            # (with a zero gradient), as DDP needs every trainable parameter in every step.
+        if (self.groups == 0 and not self.num_dn_queries) or not any(len(t["labels"]) for t in targets):
+            # Denoising off (GROUPS 0) or no box in this batch: no denoising queries, but the label
+            # embedding still takes part (a zero added, so a zero gradient), as DDP needs every
+            # trainable parameter in every step.
             return tgt + 0.0 * self.label_embed.weight.sum(), anchors, None, None
         groups = self.num_groups(targets)
         labels, boxes, size = noised_queries(targets, groups, self.label_noise, self.box_noise, self.num_classes,
