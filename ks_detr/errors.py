@@ -45,7 +45,7 @@ def report_user_errors(debug=False):
     try:
         yield
     except UserError as e:
-        logging.getLogger("ks_detr").debug("user error", exc_info=True)
+        _log_to_files_only("user error (the traceback of the message below)")
         if debug:
             traceback.print_exc()
         sys.stderr.flush()
@@ -54,6 +54,33 @@ def report_user_errors(debug=False):
             with open(os.environ[ERROR_FILE_ENV], "w") as f:
                 f.write(str(e))
         sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def _log_to_files_only(message):
+    """Log ``message`` with the exception being handled to the log files of the ``ks_detr`` logger
+    (``OUTPUT_DIR/log.txt``), not to the terminal."""
+    log = logging.getLogger("ks_detr")
+    record = log.makeRecord(log.name, logging.DEBUG, __file__, 0, message, (), sys.exc_info())
+    for h in log.handlers:
+        stream = getattr(h, "stream", None)
+        if stream not in (sys.stdout, sys.stderr) and (isinstance(h, logging.FileHandler) or stream is not None):
+            h.handle(record)
+
+
+def log_file(logger=None):
+    """The file that ``logger`` (default the ``ks_detr`` logger) writes to, through it or its parents,
+    or None (no file handler set up yet)."""
+    log = logger or logging.getLogger("ks_detr")
+    while log is not None:
+        for h in log.handlers:
+            if isinstance(h, logging.FileHandler):
+                return h.baseFilename
+            stream = getattr(h, "stream", None)
+            name = getattr(stream, "name", None)
+            if isinstance(name, str) and stream not in (sys.stdout, sys.stderr) and os.path.isfile(name):
+                return name
+        log = log.parent if log.propagate else None
+    return None
 
 
 def repeat_worker_error():

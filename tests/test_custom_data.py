@@ -233,7 +233,7 @@ def test_train_net_register_coco_trains(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
     assert ("dropped 1 boxes with zero or negative size and 0 boxes outside the image, clipped 1 boxes to the "
-            "image, filled 0 missing areas; 1 images without boxes") in log
+            "image, filled 0 missing areas and 0 missing iscrowd (0); 1 images without boxes") in log
     assert "copypaste: AP,AP50" in log
 
 
@@ -244,3 +244,135 @@ def test_train_net_all_images_without_boxes_gets_a_sentence(tmp_path):
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: DATASETS.TRAIN ('mine_train',): none of its 2 images has a box"), last
+
+
+# the quickstart's DN-Deformable DETR, shrunk: random MobileNet, width 32, 1+1 layers, 10 queries
+TINY = ["MODEL.MOBILENET_V2.PRETRAINED", "False", "MODEL.DETR.HIDDEN_DIM", "32", "MODEL.DETR.NHEADS", "2",
+        "MODEL.DETR.ENC_LAYERS", "1", "MODEL.DETR.DEC_LAYERS", "1", "MODEL.DETR.DIM_FEEDFORWARD", "64",
+        "MODEL.DETR.NUM_QUERIES", "10", "MODEL.DETR.NUM_TOPK_TEST", "10", "MODEL.DETR.DN.GROUPS", "1",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD",
+        "100", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "128", "DATALOADER.NUM_WORKERS", "0"]
+
+
+def minimal_coco(n_images=2):
+    """Only the fields the COCO format cannot do without: no area, no iscrowd, no info/licenses."""
+    return {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 80, "height": 64} for i in range(n_images)],
+            "annotations": [{"id": 1 + i, "image_id": i, "category_id": 7, "bbox": [10, 10, 30, 20]}
+                            for i in range(n_images)],
+            "categories": [{"id": 7, "name": "cat"}]}
+
+
+def test_minimal_json_trains_through_periodic_evaluations(tmp_path):
+    """A json with only id/file_name/width/height images and id/image_id/category_id/bbox annotations
+    trains 3 iterations with an evaluation after iterations 1 and 2 and the final one: every field
+    pycocotools reads (area, iscrowd) is filled by the check, the run ends with exit 0."""
+    js, img = write_dataset(tmp_path, minimal_coco())
+    r = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", "configs/quickstart/trees.yaml",
+         "--register-coco", "min_train", js, img, "--register-coco", "min_val", js, img, *TINY,
+         "DATASETS.TRAIN", '("min_train",)', "DATASETS.TEST", '("min_val",)', "SOLVER.MAX_ITER", "3",
+         "TEST.EVAL_PERIOD", "1", "OUTPUT_DIR", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert "filled 2 missing areas and 2 missing iscrowd (0); 0 images without boxes" in log
+    checked = json.loads((tmp_path / "out" / "min_val.checked.json").read_text())
+    assert [(a["area"], a["iscrowd"]) for a in checked["annotations"]] == [(600, 0), (600, 0)]
+    assert log.count("copypaste: AP,AP50") == 3  # after iterations 1 and 2, and the final one
+    assert f"Saving checkpoint to {tmp_path / 'out' / 'model_final.pth'}" in log
+    assert (tmp_path / "out" / "model_final.pth").is_file()
+
+
+def test_json_with_utf8_byte_order_mark_is_read(tmp_path):
+    js, img = write_dataset(tmp_path)
+    with open(js, "rb") as f:
+        text = f.read()
+    with open(js, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + text)  # what Windows editors write
+    counts, data = check_coco_json(js, img)
+    assert len(data["images"]) == 2 and counts["boxes_clipped"] == 1
+
+
+def test_clipped_box_gets_the_area_of_its_kept_part(tmp_path):
+    anns = [{"id": 1, "image_id": 0, "category_id": 7, "bbox": [70, 50, 30, 30], "area": 900},  # box area
+            {"id": 2, "image_id": 0, "category_id": 7, "bbox": [-10, 0, 20, 10], "area": 100},  # a mask's area: half
+            {"id": 3, "image_id": 1, "category_id": 7, "bbox": [70, 0, 20, 10]}]  # no area: the clipped box's
+    js, img = write_dataset(tmp_path, coco(annotations=anns))
+    counts, data = check_coco_json(js, img)
+    assert counts["boxes_clipped"] == 3 and counts["areas_filled"] == 1 and counts["iscrowd_filled"] == 3
+    assert {a["id"]: (a["bbox"], a["area"]) for a in data["annotations"]} == {
+        1: ([70, 50, 10, 14], 140), 2: ([0, 0, 10, 10], 50), 3: ([70, 0, 10, 10], 100)}
+
+
+def test_skip_warnings_offer_no_skip_flag_and_errors_name_the_log(tmp_path, caplog):
+    data = coco(3, [{"id": 1, "image_id": 0, "category_id": 7, "bbox": [1, 1, 5, 5]},
+                    {"id": 2, "image_id": 1, "category_id": 4, "bbox": [1, 1, 5, 5]},  # unknown category
+                    {"id": 3, "image_id": 2, "category_id": 7, "bbox": [1, 1, 5, 5]}])
+    data["images"][2]["width"] = 81  # size mismatch
+    js, img = write_dataset(tmp_path, data, n_images=3)
+    with caplog.at_level(logging.WARNING, logger="ks_detr.data.custom"):
+        counts, _ = check_coco_json(js, img, skip_bad=True)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert counts["skipped_images"] == 2 and len(warnings) == 2
+    assert "--skip-bad-records" not in " ".join(warnings)
+    assert warnings[0].endswith("'category_id' is 4, not in categories [7, 9]")
+    assert warnings[1].endswith("json width x height 81x64 differs from the image's 80x64")
+    # not skipping: the first problem, and where the other one is
+    log = logging.getLogger("ks_detr")
+    handler = logging.FileHandler(tmp_path / "log.txt")
+    log.addHandler(handler)
+    try:
+        data["images"][1]["id"] = 0  # both records with id 0, and the unknown category
+        js, img = write_dataset(tmp_path, data, n_images=3)
+        with pytest.raises(DatasetError) as e:
+            check_coco_json(js, img)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    assert str(e.value).endswith(f"(2 more problems of this file are in the log, {tmp_path / 'log.txt'})")
+    assert "'category_id' is 4" in (tmp_path / "log.txt").read_text()
+
+
+def declared_png(path, width, height):
+    """A PNG whose header declares width x height 8-bit RGB (its pixel data is a few bytes, never read)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_a_named_bad_record(tmp_path):
+    """A 14000x14000 PNG (json size matching) is refused by the default limit without decoding: a
+    one-line error naming the json, the record, the file, its pixel count and the config key; with
+    --skip-bad-records it is left out. A lower INPUT.MAX_IMAGE_PIXELS applies to cached images too."""
+    from ks_detr.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, add_image_config, read_image
+
+    js, img = write_dataset(tmp_path, coco(3, []))
+    declared_png(tmp_path / "img" / "big.png", 14000, 14000)
+    data = coco(3, [])
+    data["images"][2].update(file_name="big.png", width=14000, height=14000)
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    big = os.path.join(img, "big.png")
+    with pytest.raises(DatasetError) as e:
+        check_coco_json(js, img, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    assert str(e.value) == (
+        f"{js}: image id 2 (big.png): {big}: 14000x14000 = 196,000,000 pixels, more than INPUT.MAX_IMAGE_PIXELS = "
+        "178,956,970 (the guard against decompression bombs); if the image is genuine, raise "
+        "INPUT.MAX_IMAGE_PIXELS, or pass --skip-bad-records to leave it out")
+    counts, cleaned = check_coco_json(js, img, skip_bad=True)
+    assert counts["skipped_images"] == 1 and [im["id"] for im in cleaned["images"]] == [0, 1]
+    check_coco_json(js, img, skip_bad=True, max_pixels=80 * 64)  # 80x64 images pass
+    with pytest.raises(DatasetError, match=r"image id 0 \(0.jpg\): .*0.jpg: 80x64 = 5,120 pixels, more than "
+                                           r"INPUT.MAX_IMAGE_PIXELS = 5,000"):
+        check_coco_json(js, img, max_pixels=5000)  # the 80x64 images are cached as fine: checked again
+    with pytest.raises(ImageTooLargeError, match=r"0.jpg: 80x64 = 5,120 pixels, more than"):
+        read_image(os.path.join(img, "0.jpg"))  # training, demo and tools read through the same check
+    cfg = make_cfg("configs/quickstart/trees.yaml")
+    cfg.defrost()
+    add_image_config(cfg)
+    assert cfg.INPUT.MAX_IMAGE_PIXELS == DEFAULT_MAX_IMAGE_PIXELS
+    check_coco_json(js, img, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, skip_bad=True)  # restore the default

@@ -7,20 +7,25 @@
    every record is an object whose fields have the right type, length and finite values
    (image: ``id``, ``file_name``, ``width``, ``height``; annotation: ``id``, ``image_id``,
    ``category_id``, ``bbox`` = 4 finite numbers, optional ``area`` and ``iscrowd``; category:
-   ``id``, ``name``). Unique image ids, annotation ids, category ids and file names.
+   ``id``, ``name``). Unique image ids, annotation ids, category ids and file names. A UTF-8 byte
+   order mark at the start of the file is accepted.
 2. **Images**: every file is decoded completely, the way training reads it
    (:mod:`ks_detr.data.images`), in parallel processes; a JPEG that libjpeg reports as corrupt
    (truncated, or data that decodes to garbage) counts as unreadable. Results are cached by path,
    size and modification time (``$KS_DETR_CACHE``, default ``~/.cache/ks_detr``), so a second run
-   decodes nothing. The json's width/height must be the displayed size.
+   decodes nothing. The json's width/height must be the displayed size. A file declaring more pixels
+   than ``INPUT.MAX_IMAGE_PIXELS`` is a bad record (never decoded, never cached).
 3. **Boxes**, applied once, each with its own count in the log: zero or negative width/height ->
-   dropped; no overlap with the image -> dropped; partly outside -> clipped to the image. A missing
-   ``area`` is filled with the box area (COCO evaluation needs it).
+   dropped; no overlap with the image -> dropped; partly outside -> clipped to the image, its ``area``
+   scaled by the kept fraction of the box. A missing ``area`` is filled with the box area and a
+   missing ``iscrowd`` with 0 (COCO evaluation reads both), so a json whose images have only
+   ``id``/``file_name``/``width``/``height`` and whose annotations have only
+   ``id``/``image_id``/``category_id``/``bbox`` trains and evaluates.
 
 Structural problems of the file (not json, no ``categories`` list, a bad category) always stop the
 run. A problem of one record stops it too, with a one-line message naming the file, the record id,
-the field, the value and the fix; with ``--skip-bad-records`` the record is left out and counted
-instead. A left-out annotation takes its image with it (otherwise the image would train with an
+the field, the value and the fix (the other problems are logged, and the message says where); with
+``--skip-bad-records`` the record is left out and counted instead (the warnings then name no fix). A left-out annotation takes its image with it (otherwise the image would train with an
 object labelled as background). Whenever the check changed anything, the cleaned json is written to
 ``OUTPUT_DIR/<name>.checked.json`` and registered in place of the original, so training and
 evaluation see exactly the checked boxes.
@@ -31,6 +36,7 @@ import logging
 import math
 import os
 import reprlib
+import re
 import tempfile
 from collections import Counter
 
@@ -39,16 +45,20 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
 from ..checkpoint import atomic_write
-from ..errors import DatasetError
-from .images import image_info, read_image
+from ..errors import DatasetError, log_file
+from .images import image_info, pixel_limit_problem, read_image, set_max_image_pixels
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 SKIP_HINT = "fix the record, or pass --skip-bad-records to leave it out"
-COUNT_KEYS = ("empty_boxes_dropped", "outside_boxes_dropped", "boxes_clipped", "areas_filled", "images_without_boxes",
-              "exif_rotated_images", "high_bit_depth_images", "images_with_alpha", "skipped_images",
-              "skipped_annotations", "annotations_of_skipped_images")
+# the fix a message offers, removed from the warnings of records that --skip-bad-records leaves out
+_SKIP_HINT_RE = re.compile(r"(; re-export the file or fix the record|; fix the record|), or pass --skip-bad-records "
+                           r"to leave (it|them|all of them) out( \(with (its|their) images?\))?")
+TOO_LARGE = "too large: "  # prefix of the (never cached) pixel-limit problem of inspect_image
+COUNT_KEYS = ("empty_boxes_dropped", "outside_boxes_dropped", "boxes_clipped", "areas_filled", "iscrowd_filled",
+              "images_without_boxes", "exif_rotated_images", "high_bit_depth_images", "images_with_alpha",
+              "skipped_images", "skipped_annotations", "annotations_of_skipped_images")
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 60
 _short = _repr.repr  # a value quoted in a message, shortened
@@ -97,13 +107,15 @@ class _Problems:
             return
         if self.skip_bad:
             for m in self.messages:
-                logger.warning("skipped: %s", m)
+                logger.warning("skipped: %s", _SKIP_HINT_RE.sub("", m))
             self.messages = []
             return
         for m in self.messages[1:]:
             logger.error("%s", m)
         more = len(self.messages) - 1
-        raise DatasetError(self.messages[0] + (f" ({more} more problems of this file are in the log)" if more else ""))
+        where = log_file(logger)
+        where = f"in the log, {where}" if where else "in the log above"
+        raise DatasetError(self.messages[0] + (f" ({more} more problems of this file are {where})" if more else ""))
 
 
 def _describe_image(record, index):
@@ -122,7 +134,7 @@ def _describe_annotation(record, index):
 def _read_json(json_file):
     try:
         with open(json_file, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
+            data = json.loads(f.read().decode("utf-8-sig"))  # a byte order mark is not an error
     except json.JSONDecodeError as e:
         raise DatasetError(f"{json_file}: malformed json at line {e.lineno}, column {e.colno}: {e.msg}") from e
     except UnicodeDecodeError as e:
@@ -192,8 +204,9 @@ def _repeated(values):
     return {i: counts[v] for i, v in enumerate(values) if counts[v] > 1}
 
 
-def check_coco_json(json_file, image_root, skip_bad=False, cache_file=None, workers=None):
-    """Validate a COCO detection json and its images (see the module docstring).
+def check_coco_json(json_file, image_root, skip_bad=False, cache_file=None, workers=None, max_pixels=None):
+    """Validate a COCO detection json and its images (see the module docstring). ``max_pixels``: the
+    pixel limit (:func:`ks_detr.data.images.set_max_image_pixels`; None = the one in force).
 
     Returns ``(counts, data)``: ``counts`` has every key of :data:`COUNT_KEYS` (what was dropped,
     clipped, filled, skipped, and how many images are rotated/high-bit/alpha), ``data`` is the cleaned
@@ -239,8 +252,14 @@ def check_coco_json(json_file, image_root, skip_bad=False, cache_file=None, work
     # 2. image files, fully decoded
     todo = [i for i in range(len(images)) if i not in problems.bad_images]
     paths = [os.path.join(image_root, images[i]["file_name"]) for i in todo]
+    set_max_image_pixels(max_pixels)
     infos = inspect_images(paths, cache_file or default_cache_file(), workers)
     for i, path, (info, problem) in zip(todo, paths, infos):
+        if problem is None:  # a cached result: the pixel limit may be lower now
+            too_large = pixel_limit_problem(info["width"], info["height"])
+            problem = TOO_LARGE + too_large if too_large else None
+        if problem and problem.startswith(TOO_LARGE):
+            problem = f"{problem[len(TOO_LARGE):]}, or pass --skip-bad-records to leave it out"
         problem = f"{path}: {problem}" if problem else _size_problem(images[i], info)
         if problem:
             problems.image(i, images[i], problem)
@@ -268,10 +287,17 @@ def check_coco_json(json_file, image_root, skip_bad=False, cache_file=None, work
             counts[rule] += 1
             continue
         ann = dict(ann, bbox=box)
-        counts["boxes_clipped"] += rule == "boxes_clipped"
+        if rule == "boxes_clipped":
+            counts["boxes_clipped"] += 1
+            if "area" in ann:  # COCO's small/medium/large buckets must see the clipped box
+                w, h = annotations[j]["bbox"][2:]  # the box before clipping
+                ann["area"] = ann["area"] * (box[2] * box[3]) / (w * h)
         if "area" not in ann:
             ann["area"] = box[2] * box[3]
             counts["areas_filled"] += 1
+        if "iscrowd" not in ann:
+            ann["iscrowd"] = 0
+            counts["iscrowd_filled"] += 1
         if not ann.get("iscrowd", 0):
             with_boxes.add(ann["image_id"])
         kept_annotations.append(ann)
@@ -341,9 +367,13 @@ def _libjpeg_warnings(path):
 
 
 def inspect_image(path):
-    """Decode ``path`` completely as training does: ``(info dict, None)`` or ``(None, problem)``."""
+    """Decode ``path`` completely as training does: ``(info dict, None)`` or ``(None, problem)``. A
+    file above the pixel limit is not decoded (its problem starts with :data:`TOO_LARGE`)."""
     try:
-        info = image_info(path)
+        info = image_info(path, check_pixels=False)
+        too_large = pixel_limit_problem(info.width, info.height)
+        if too_large:
+            return None, TOO_LARGE + too_large
         pixels = read_image(path)
     except FileNotFoundError:
         return None, "file not found"
@@ -392,7 +422,8 @@ def inspect_images(paths, cache_file, workers=None):
             chunk = max(1, len(todo) // (4 * n))
             for (k, key), result in zip(todo, pool.map(inspect_image, [paths[k] for k, _ in todo], chunksize=chunk)):
                 results[k] = result
-                cache[os.path.abspath(paths[k])] = [key, list(result)]
+                if not (result[1] or "").startswith(TOO_LARGE):  # that one depends on the limit
+                    cache[os.path.abspath(paths[k])] = [key, list(result)]
         try:
             os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
             atomic_write(cache_file, lambda f: f.write(json.dumps(cache).encode()))
@@ -401,7 +432,8 @@ def inspect_images(paths, cache_file, workers=None):
     return results
 
 
-def register_checked_coco(name, json_file, image_root, skip_bad=False, out_dir=None, cache_file=None):
+def register_checked_coco(name, json_file, image_root, skip_bad=False, out_dir=None, cache_file=None,
+                          max_pixels=None):
     """Check the dataset (:func:`check_coco_json`), log the counts, register it under ``name``.
 
     When the check left out, dropped, clipped or filled anything, the cleaned json is written to
@@ -410,13 +442,14 @@ def register_checked_coco(name, json_file, image_root, skip_bad=False, out_dir=N
     if name in DatasetCatalog.list():
         raise DatasetError(f"--register-coco {name} {json_file}: the name {name!r} is already registered (a builtin "
                            "dataset, or the same name given twice); choose another name")
-    counts, data = check_coco_json(json_file, image_root, skip_bad, cache_file)
+    counts, data = check_coco_json(json_file, image_root, skip_bad, cache_file, max_pixels=max_pixels)
     logger.info(
         "dataset %s (%s): %d images, %d boxes kept; dropped %d boxes with zero or negative size and %d boxes "
-        "outside the image, clipped %d boxes to the image, filled %d missing areas; %d images without boxes "
-        "(left out of training while DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)", name, json_file,
-        len(data["images"]), len(data["annotations"]), counts["empty_boxes_dropped"], counts["outside_boxes_dropped"],
-        counts["boxes_clipped"], counts["areas_filled"], counts["images_without_boxes"])
+        "outside the image, clipped %d boxes to the image, filled %d missing areas and %d missing iscrowd (0); "
+        "%d images without boxes (left out of training while DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)", name,
+        json_file, len(data["images"]), len(data["annotations"]), counts["empty_boxes_dropped"],
+        counts["outside_boxes_dropped"], counts["boxes_clipped"], counts["areas_filled"], counts["iscrowd_filled"],
+        counts["images_without_boxes"])
     if skip_bad:
         logger.info("dataset %s: --skip-bad-records left out %d images and %d bad annotations (plus the %d "
                     "annotations of those images)", name, counts["skipped_images"], counts["skipped_annotations"],
@@ -427,7 +460,7 @@ def register_checked_coco(name, json_file, image_root, skip_bad=False, out_dir=N
                     "%d images with alpha (composited onto black)", name, counts["exif_rotated_images"],
                     counts["high_bit_depth_images"], counts["images_with_alpha"])
     changed = ("skipped_images", "skipped_annotations", "empty_boxes_dropped", "outside_boxes_dropped",
-               "boxes_clipped", "areas_filled")
+               "boxes_clipped", "areas_filled", "iscrowd_filled")
     if any(counts[k] for k in changed):
         os.makedirs(out_dir or ".", exist_ok=True)
         json_file = os.path.join(out_dir or ".", f"{name}.checked.json")

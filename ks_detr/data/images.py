@@ -24,7 +24,13 @@ orientation of every image. The rules:
   clips 16-bit gray values above 255 to white, and it keeps only the high byte of 16-bit colour, so
   16-bit colour files are decoded with OpenCV (a pinned requirement) instead.
 - Everything else Pillow can convert (``CMYK``, ``YCbCr``, ...) goes through ``convert("RGB")``.
+- **Pixel limit** (decompression bombs): a file whose header declares more than
+  ``INPUT.MAX_IMAGE_PIXELS`` pixels (default 178,956,970, where Pillow itself refuses) raises
+  :class:`ImageTooLargeError` before any pixel is decoded. The limit is set by
+  :func:`set_max_image_pixels` (also for worker processes started later, through
+  ``$KS_DETR_MAX_IMAGE_PIXELS``); Pillow's own check is replaced by this one.
 """
+import os
 from collections import namedtuple
 
 import numpy as np
@@ -45,6 +51,51 @@ _ORIENTATION_TRANSPOSE = {
 }
 _SWAPS_WIDTH_HEIGHT = (5, 6, 7, 8)
 _HIGH_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485  # where Pillow raises DecompressionBombError by default
+MAX_PIXELS_ENV = "KS_DETR_MAX_IMAGE_PIXELS"
+Image.MAX_IMAGE_PIXELS = None  # our own check (_check_pixels) names the file, the size and the config key
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose declared size exceeds the pixel limit (a possible decompression bomb)."""
+
+
+def add_image_config(cfg):
+    """Add ``INPUT.MAX_IMAGE_PIXELS`` (the pixel limit of every image read; 0 = no limit) to ``cfg``."""
+    if "MAX_IMAGE_PIXELS" not in cfg.INPUT:
+        cfg.INPUT.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(limit):
+    """Set the pixel limit for this process and the processes it starts from now on (None: unchanged)."""
+    if limit is None:
+        return
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"Invalid config INPUT.MAX_IMAGE_PIXELS={limit!r}: give a pixel count >= 0 (0 = no limit)")
+    os.environ[MAX_PIXELS_ENV] = str(limit)
+
+
+def max_image_pixels():
+    """The pixel limit in force (0 = none)."""
+    value = os.environ.get(MAX_PIXELS_ENV, "")
+    return int(value) if value.isdigit() else DEFAULT_MAX_IMAGE_PIXELS
+
+
+def pixel_limit_problem(width, height):
+    """What is wrong with an image of ``width`` x ``height`` under the pixel limit, or None."""
+    limit = max_image_pixels()
+    if limit and width * height > limit:
+        return (f"{width}x{height} = {width * height:,} pixels, more than INPUT.MAX_IMAGE_PIXELS = {limit:,} (the "
+                "guard against decompression bombs); if the image is genuine, raise INPUT.MAX_IMAGE_PIXELS")
+    return None
+
+
+def _check_pixels(im, file_name):
+    problem = pixel_limit_problem(*im.size)
+    if problem:
+        raise ImageTooLargeError(f"{file_name}: {problem}")
 
 ImageInfo = namedtuple("ImageInfo", "width height stored_width stored_height orientation high_bit_depth alpha")
 ImageInfo.__doc__ = """What :func:`read_image` will do with a file, read from its header: displayed size
@@ -123,6 +174,7 @@ def read_image(file_name, format="RGB"):
     """
     with PathManager.open(file_name, "rb") as f:
         with Image.open(f) as im:
+            _check_pixels(im, file_name)
             high_bit_colour = _is_high_bit_colour(im)  # before getexif(): a PNG may load() there
             orientation = exif_orientation(im)
             if high_bit_colour:
@@ -140,10 +192,13 @@ def read_image(file_name, format="RGB"):
     return detection_utils.convert_PIL_to_numpy(Image.fromarray(rgb), format)
 
 
-def image_info(file_name):
-    """:class:`ImageInfo` of a file without decoding its pixels (a PNG's EXIF may need a decode)."""
+def image_info(file_name, check_pixels=True):
+    """:class:`ImageInfo` of a file without decoding its pixels (a PNG's EXIF may need a decode);
+    ``check_pixels``: raise :class:`ImageTooLargeError` above the pixel limit (before any decode)."""
     with PathManager.open(file_name, "rb") as f:
         with Image.open(f) as im:
+            if check_pixels:
+                _check_pixels(im, file_name)
             high_bit = im.mode in _HIGH_BIT_GRAY_MODES or _is_high_bit_colour(im)
             alpha = _has_alpha(im)
             stored_w, stored_h = im.size
