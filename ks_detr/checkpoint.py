@@ -58,11 +58,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
     a checkpoint (torch files are read with ``weights_only=True``, ``.pkl`` files may hold numpy
     arrays only) or a load that fills too little of the model (:meth:`_check_match`) raises
     :class:`CheckpointError` naming the file. ``allow_partial`` (``MODEL.WEIGHTS_ALLOW_PARTIAL``)
-    accepts any match."""
+    accepts any match; ``require_all`` (inference: ``--eval-only``) refuses any model tensor (teachers'
+    aside) that the file does not fill, unless ``allow_partial``."""
 
-    def __init__(self, model, save_dir="", *, allow_partial=False, **checkpointables):
+    def __init__(self, model, save_dir="", *, allow_partial=False, require_all=False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.allow_partial = allow_partial
+        self.require_all = require_all
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -84,13 +86,18 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def get_checkpoint_file(self):
         """The checkpoint ``--resume`` continues from: the one ``last_checkpoint`` names if it is
-        intact, else (with a warning naming it) the newest intact ``model_*.pth`` of the directory."""
+        intact, else (with a warning naming it) the newest intact ``model_*.pth`` of the directory,
+        which ``last_checkpoint`` then names."""
         named = super().get_checkpoint_file()
         others = sorted(glob.glob(os.path.join(self.save_dir, "model_*.pth")), key=os.path.getmtime, reverse=True)
         skipped = []
         for path in [named] + [p for p in others if p != named]:
             problem = checkpoint_problem(path)
             if problem is None:
+                if skipped and self.save_to_disk:
+                    self.tag_last_checkpoint(os.path.basename(path))
+                    logger.warning(f"--resume: {os.path.join(self.save_dir, 'last_checkpoint')} now names "
+                                   f"{os.path.basename(path)}")
                 return path
             logger.warning(f"--resume: skipping {path} ({problem})")
             skipped.append(f"{os.path.basename(path)}: {problem}")
@@ -110,6 +117,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return super().load(path, *args, **kwargs)
         except _Problem as e:
             raise CheckpointError(f"{path}: {e}") from e
+        except OSError as e:  # urllib.error.URLError / HTTPError: no network, proxy, 404
+            if "://" not in (path or ""):
+                raise
+            raise CheckpointError(download_failure(path, e)) from e
 
     def _load_file(self, filename):
         if filename.endswith(".pkl"):
@@ -166,6 +177,33 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 detail += f", {len(reshaped)} have another shape"
             raise _Problem(f"{summary} ({detail}) — a checkpoint of another config? "
                            "Set MODEL.WEIGHTS_ALLOW_PARTIAL True to load it anyway")
+        if self.require_all and not self.allow_partial and len(loaded) < len(model):
+            unfilled = [k for k in model if k not in loaded]
+            shown = [f"{k} (file {list(shapes[k])}, model {list(model[k])})" if k in shapes else f"{k} (not in the file)"
+                     for k in unfilled[:3]]
+            raise _Problem(f"{summary}: the other {len(unfilled)} would keep their random initialisation at inference "
+                           f"({'; '.join(shown)}{', ...' if len(unfilled) > 3 else ''}) — a checkpoint of another "
+                           "config (classes, width, layers)? Set MODEL.WEIGHTS_ALLOW_PARTIAL True to evaluate anyway")
+
+
+# torchvision ImageNet ResNets that tools/convert_torchvision_resnet.py turns into detectron2's R-50.pkl / R-101.pkl
+TORCHVISION_RESNETS = {"R-50.pkl": ("resnet50", "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
+                       "R-101.pkl": ("resnet101", "https://download.pytorch.org/models/resnet101-63fe2227.pth")}
+
+
+def download_failure(path, error):
+    """The message for a MODEL.WEIGHTS URL that could not be downloaded: the reason, and for
+    detectron2's torchvision ResNets the command that makes the same file locally."""
+    reason = getattr(error, "reason", None) or error
+    message = f"{path}: cannot download it ({type(error).__name__}: {reason})"
+    name = path.rsplit("/", 1)[-1]
+    if "ImageNetPretrained/torchvision/" in path and name in TORCHVISION_RESNETS:
+        arch, url = TORCHVISION_RESNETS[name]
+        return (f"{message}. Without network, make the same weights from torchvision's: python "
+                f"tools/convert_torchvision_resnet.py --arch {arch} --input {url.rsplit('/', 1)[-1]} --output "
+                f"weights/{name} (the --input file is {url}, fetched on a machine with network; omit --input where "
+                f"torchvision can download it), then add MODEL.WEIGHTS weights/{name}")
+    return f"{message}; download the file where there is network and set MODEL.WEIGHTS to its local path"
 
 
 # key prefixes of checkpoints written before a module moved -> where the module is now
@@ -185,7 +223,8 @@ def load_eval_weights(model, cfg, resume=False):
     """Load into ``model`` what ``--eval-only`` evaluates: with ``resume``, the newest readable
     checkpoint of ``cfg.OUTPUT_DIR`` if there is one, else ``cfg.MODEL.WEIGHTS``; warn when that is
     nothing. Returns the path loaded ("" for none)."""
-    checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, allow_partial=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL)
+    checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, allow_partial=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL,
+                                      require_all=True)
     path = checkpointer.get_checkpoint_file() if resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
     if not path:
         logger.warning("--eval-only without MODEL.WEIGHTS: the predictions come from a randomly initialised "

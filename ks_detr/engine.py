@@ -11,9 +11,16 @@
   are written atomically.
 - Preemption: SIGTERM / SIGUSR1 / SIGUSR2 save a checkpoint after the current step on every
   process, hand the signal to the handler installed before (submitit's requeue), and exit.
+- History across ``--resume``: ``wall_minutes`` continues from the checkpoint's; the rows of
+  ``metrics.json`` written after the checkpoint (trained again now) are dropped; a finished run is
+  left as it is; a run whose last iteration is trained but whose end (``model_final.pth``, final
+  evaluation) is missing gets only that end, never an iteration past ``SOLVER.MAX_ITER``.
+- Progress lines: ``total_loss``, ``student_loss`` and (KS) ``teacher_loss`` (sums of the loss
+  terms, ``_ks_`` terms being the teachers'); every term is in ``metrics.json`` and TensorBoard.
 """
 import ctypes
 import inspect
+import json
 import logging
 import os
 import signal
@@ -27,9 +34,10 @@ from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer, TrainerBa
 from detectron2.engine.hooks import PeriodicWriter
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, EventStorage, get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import AtomicCheckpointer
+from .checkpoint import AtomicCheckpointer, checkpoint_problem
 from .data import DetrDatasetMapper
 from .data.sampler import build_resumable_train_loader, mix_seed
 from .solver import build_optimizer
@@ -120,19 +128,67 @@ class MixedPrecisionTrainer(SimpleTrainer):
 
 
 class WallClock(HookBase):
-    """Records ``wall_minutes`` (since this process started training, evaluations included) at every
-    iteration and after the final evaluation, so each row of ``metrics.json`` says when it was reached
-    (``tools/plot_metrics.py --x minutes``). It runs after the evaluation hook and before the writer."""
+    """Records ``wall_minutes`` (training time of the run, evaluations included; after ``--resume``
+    counted on from the checkpoint's ``offset``) at every iteration and after the final evaluation,
+    so each row of ``metrics.json`` says when it was reached (``tools/plot_metrics.py --x minutes``).
+    It runs after the evaluation hook and before the writer."""
+
+    def __init__(self):
+        self.offset = 0.0
+        self._start = None
+
+    def minutes(self):
+        """Minutes of the run so far."""
+        return self.offset + (0.0 if self._start is None else (time.perf_counter() - self._start) / 60)
 
     def before_train(self):
         self._start = time.perf_counter()
 
     def after_step(self):
-        minutes = (time.perf_counter() - self._start) / 60
-        self.trainer.storage.put_scalar("wall_minutes", minutes, smoothing_hint=False)
+        self.trainer.storage.put_scalar("wall_minutes", self.minutes(), smoothing_hint=False)
 
     def after_train(self):
         self.after_step()  # the final evaluation's row
+
+
+def is_teacher_loss(name):
+    """Whether a loss term belongs to a KS teacher (``loss_*_ks_a``, ``loss_*_ks_v_2``, ...)."""
+    return "_ks_" in name
+
+
+class LossSums(HookBase):
+    """Puts ``student_loss`` and, with KS, ``teacher_loss`` (sums of this step's loss terms) into the
+    event storage, for the progress line; runs before the writer."""
+
+    def after_step(self):
+        storage = self.trainer.storage
+        terms = {k: v for k, (v, it) in storage.latest().items() if it == storage.iter and k.startswith("loss_")}
+        if not terms:
+            return
+        teacher = [v for k, v in terms.items() if is_teacher_loss(k)]
+        storage.put_scalar("student_loss", sum(v for k, v in terms.items() if not is_teacher_loss(k)))
+        if teacher:
+            storage.put_scalar("teacher_loss", sum(teacher))
+
+
+class LossSumPrinter(CommonMetricPrinter):
+    """detectron2's progress line with the loss sums (``total_loss``, ``student_loss``,
+    ``teacher_loss``) in place of every loss term; a model without teachers also shows its final
+    ``loss_class``/``loss_bbox``/``loss_giou``."""
+
+    SHOWN = ("total_loss", "student_loss", "teacher_loss")
+    BASELINE_SHOWN = ("total_loss", "loss_class", "loss_bbox", "loss_giou")
+
+    def write(self):
+        storage = get_event_storage()
+        histories = storage.histories()
+        shown = self.SHOWN if "teacher_loss" in histories else self.BASELINE_SHOWN
+        kept = {k: v for k, v in histories.items() if "loss" not in k or k in shown}
+        storage.histories = lambda: kept  # the instance attribute hides the method while the line is built
+        try:
+            super().write()
+        finally:
+            del storage.histories
 
 
 class StepSeed(HookBase):
@@ -188,6 +244,48 @@ class Preemption(HookBase):
         self._previous = {}
 
 
+def _metrics_rows(path):
+    """The rows of a ``metrics.json`` (one json object per line; unreadable lines skipped)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _drop_rows_from(path, iteration):
+    """Remove the rows of iteration >= ``iteration`` from ``metrics.json``, in place (detectron2's
+    writer already holds the file open for appending)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "r+") as f:
+        lines = f.read().splitlines()
+        kept = [line for line in lines if _row_iteration(line) < iteration]
+        if len(kept) == len(lines):
+            return
+        f.seek(0)
+        f.write("".join(line + "\n" for line in kept))
+        f.truncate()
+    logger.info(f"{path}: dropped {len(lines) - len(kept)} rows of iterations >= {iteration}, written after the "
+                "checkpoint (those iterations are trained again)")
+
+
+def _row_iteration(line):
+    try:
+        return int(json.loads(line).get("iteration", -1))
+    except (ValueError, AttributeError, TypeError):
+        return -1
+
+
 def _comm_device():
     """Device of tensors for collectives: the local GPU under NCCL, else CPU."""
     if comm.get_world_size() > 1 and torch.distributed.get_backend() == "nccl":
@@ -221,27 +319,76 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        self._wall_clock = WallClock()
+        self._finished = False
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume=True):
-        """As detectron2 (the run seed comes from the checkpoint when resuming); then the data stream
-        is positioned at ``start_iter``."""
+        """As detectron2 (the run seed and the wall clock come from the checkpoint when resuming);
+        then ``metrics.json`` loses the rows after the checkpoint (they are trained again) unless the
+        run is finished, and the data stream is positioned at ``start_iter``."""
+        self._wall_clock.offset = None
         super().resume_or_load(resume=resume)
+        metrics = os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")
+        resumed = resume and self.start_iter > 0
+        if self._wall_clock.offset is None:  # a new run, or a checkpoint written before wall_minutes was saved
+            earlier = [r["wall_minutes"] for r in _metrics_rows(metrics) if "wall_minutes" in r
+                       and r.get("iteration", self.start_iter) < self.start_iter] if resumed else []
+            self._wall_clock.offset = earlier[-1] if earlier else 0.0
+        self._finished = resumed and self.start_iter >= self.max_iter and self._end_recorded(metrics)
+        if resumed and not self._finished and comm.is_main_process():
+            _drop_rows_from(metrics, self.start_iter)
         logger.info(f"Run seed {self.seed}, first iteration {self.start_iter}")
         self._trainer.data_loader.batch_sampler.set_start(self.seed, self.start_iter)
 
+    def _end_recorded(self, metrics):
+        """Whether the end of the run is on disk: an intact model_final.pth and the final row of metrics.json."""
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        return checkpoint_problem(final) is None and any(r.get("iteration") == self.max_iter
+                                                         for r in _metrics_rows(metrics))
+
+    def train(self):
+        """detectron2's training from ``start_iter``; a resumed run with every iteration trained is
+        not trained or evaluated again: finished -> a message; else only its end (:meth:`_finish`)."""
+        if self.start_iter < self.max_iter:
+            return super().train()
+        if self._finished:
+            logger.info(f"--resume: the run in {self.cfg.OUTPUT_DIR} is finished (all SOLVER.MAX_ITER={self.max_iter} "
+                        "iterations, model_final.pth and the final evaluation are there); nothing to do. Raise "
+                        "SOLVER.MAX_ITER to train on, or use --eval-only to evaluate again")
+            return None
+        return self._finish()
+
+    def _finish(self):
+        """The end of a run whose iterations are all trained: model_final.pth (when missing or broken),
+        the final evaluation and the final row of metrics.json (iteration MAX_ITER)."""
+        logger.info(f"--resume: all {self.max_iter} iterations are trained, but the end of the run is missing; "
+                    "writing model_final.pth if needed and running the final evaluation")
+        if checkpoint_problem(os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")) is not None:
+            self.checkpointer.save("model_final", iteration=self.iter)
+        self.iter = self.max_iter
+        with EventStorage(self.max_iter) as self.storage:
+            self.before_train()
+            self.after_train()
+        return getattr(self, "_last_eval_results", None)
+
     def state_dict(self):
-        return dict(super().state_dict(), seed=self.seed)
+        return dict(super().state_dict(), seed=self.seed, wall_minutes=self._wall_clock.minutes())
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if "seed" in state_dict:
             self.seed = state_dict["seed"]
+        if "wall_minutes" in state_dict:
+            self._wall_clock.offset = state_dict["wall_minutes"]
 
     def build_hooks(self):
         hooks = super().build_hooks()
         writer = next((i for i, h in enumerate(hooks) if isinstance(h, PeriodicWriter)), len(hooks))
-        return [StepSeed()] + hooks[:writer] + [WallClock()] + hooks[writer:] + [Preemption()]
+        return ([StepSeed()] + hooks[:writer] + [self._wall_clock, LossSums()] + hooks[writer:] + [Preemption()])
+
+    def build_writers(self):
+        return [LossSumPrinter(self.max_iter) if type(w) is CommonMetricPrinter else w for w in super().build_writers()]
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

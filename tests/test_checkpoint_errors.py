@@ -248,6 +248,7 @@ def test_resume_skips_truncated_final_checkpoint(tmp_path, models, caplog):
     with caplog.at_level("WARNING", logger="ks_detr.checkpoint"):
         AtomicCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
     assert f"--resume: skipping {final} (truncated or corrupt zip archive" in caplog.text
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"  # repaired: names what was loaded
     assert_loaded(model, first, first)
 
     model.load_state_dict(random_state(model))
@@ -257,7 +258,8 @@ def test_resume_skips_truncated_final_checkpoint(tmp_path, models, caplog):
 
     (tmp_path / "model_0000001.pth").write_bytes(b"")
     with pytest.raises(MissingCheckpointError, match=re.escape(
-            f"--resume: no readable checkpoint in {tmp_path} (model_final.pth: truncated or corrupt zip archive")):
+            f"--resume: no readable checkpoint in {tmp_path} (model_0000001.pth: empty file; model_final.pth: "
+            "truncated or corrupt zip archive")):
         AtomicCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
 
 
@@ -290,3 +292,64 @@ def test_command_line_tools_end_in_one_error_line_naming_the_file(tmp_path):
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 2 and last.startswith(f"error: {text}: not a checkpoint"), (name, r.stderr[-2000:])
         assert "Traceback" not in r.stderr, name
+
+
+def test_eval_only_refuses_heads_that_did_not_load(tmp_path):
+    """A 3-class checkpoint at --eval-only in the 1-class trees config: all but the class heads match
+    (the load alone would only warn), but inference would use random class heads: exit 2, one line
+    naming the file, the counts and the first unfilled tensors with both shapes. Training from it, or
+    MODEL.WEIGHTS_ALLOW_PARTIAL True, still loads it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    three = build_model(cfg_of(BASELINE, "MODEL.DETR.NUM_CLASSES", 3))
+    path = save(tmp_path / "three_classes.pth", three.state_dict())
+    model = build_model(cfg_of(BASELINE))
+    n = len(model.state_dict())
+    unfilled = [k for k, v in model.state_dict().items() if v.shape != three.state_dict()[k].shape]
+    assert 0 < len(unfilled) < 0.1 * n
+    with pytest.raises(CheckpointError) as e:
+        load_eval_weights(model, cfg_of(BASELINE, "MODEL.WEIGHTS", path))
+    first = unfilled[0]
+    assert str(e.value).startswith(
+        f"{path}: {n - len(unfilled)} of {n} model tensors match, ")
+    assert (f": the other {len(unfilled)} would keep their random initialisation at inference ({first} (file "
+            f"{list(three.state_dict()[first].shape)}, model {list(model.state_dict()[first].shape)})") in str(e.value)
+    assert str(e.value).endswith("Set MODEL.WEIGHTS_ALLOW_PARTIAL True to evaluate anyway")
+    AtomicCheckpointer(model).load(path)  # as MODEL.WEIGHTS of a training run: a warning only
+    assert load_eval_weights(model, cfg_of(BASELINE, "MODEL.WEIGHTS", path, "MODEL.WEIGHTS_ALLOW_PARTIAL", "True"))
+
+    r = subprocess.run([sys.executable, "train_net.py", "--eval-only", "--config-file", BASELINE, *map(str, TINY),
+                        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", path, "OUTPUT_DIR", str(tmp_path / "out")],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == f"error: {e.value}"
+    assert "Traceback" not in r.stdout + r.stderr and "copypaste" not in r.stdout
+
+
+def test_r50_weights_offline_name_the_converter_command(tmp_path):
+    """An R-50 config without network (a proxy that refuses connections, an empty download cache):
+    exit 2 and one line naming the URL, the reason and the tools/convert_torchvision_resnet.py command."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(os.environ, FVCORE_CACHE=str(tmp_path / "cache"), https_proxy="http://127.0.0.1:9",
+               http_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
+               no_proxy="", NO_PROXY="")
+    r = subprocess.run([sys.executable, "train_net.py", "--config-file", OTHER, "MODEL.DEVICE", "cpu",
+                        "DATASETS.TRAIN", '("trees_train",)', "DATASETS.TEST", "()", "MODEL.DETR.NUM_CLASSES", "1",
+                        "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "out")],
+                       cwd=REPO, capture_output=True, text=True, env=env)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert last.startswith("error: detectron2://ImageNetPretrained/torchvision/R-50.pkl: cannot download it (URLError: ")
+    assert last.endswith(
+        "Without network, make the same weights from torchvision's: python tools/convert_torchvision_resnet.py --arch "
+        "resnet50 --input resnet50-0676ba61.pth --output weights/R-50.pkl (the --input file is "
+        "https://download.pytorch.org/models/resnet50-0676ba61.pth, fetched on a machine with network; omit --input "
+        "where torchvision can download it), then add MODEL.WEIGHTS weights/R-50.pkl")
+    assert "Traceback" not in r.stdout + r.stderr

@@ -2,8 +2,10 @@
 with ``--resume`` ends with the same weights, bit for bit, as the run that was never interrupted;
 SIGTERM saves a checkpoint and exits; the data stream and augmentation depend only on (seed,
 iteration)."""
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from ks_detr.checkpoint import AtomicCheckpointer
+from ks_detr.checkpoint import AtomicCheckpointer, checkpoint_problem
 from ks_detr.data.sampler import ResumableBatchSampler
 
 # The quickstart model (DN-Deformable, two-stage, KS, MobileNet) at 256 px: dropout, denoising noise,
@@ -199,3 +201,93 @@ def test_resume_skips_an_unreadable_newest_checkpoint(tmp_path, caplog):
         f.truncate(100)
     with pytest.raises(FileNotFoundError, match="no readable checkpoint"):
         ckpt.get_checkpoint_file()
+
+
+# --resume keeps the run's history: a tiny baseline (random MobileNet, width 32) trained 3 iterations on
+# trees_train with a checkpoint after every iteration and the final COCO evaluation on trees_val at 128 px
+HISTORY_RUN = [
+    "--config-file", "configs/quickstart/trees.yaml", "MODEL.MOBILENET_V2.PRETRAINED", "False",
+    "MODEL.DETR.HIDDEN_DIM", "32", "MODEL.DETR.NHEADS", "2", "MODEL.DETR.ENC_LAYERS", "1", "MODEL.DETR.DEC_LAYERS",
+    "1", "MODEL.DETR.DIM_FEEDFORWARD", "64", "MODEL.DETR.NUM_QUERIES", "10", "MODEL.DETR.NUM_TOPK_TEST", "10",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "1",
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128",
+    "INPUT.MAX_SIZE_TEST", "128", "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0", "SEED", "3",
+]
+
+
+def run_history(out, max_iter, *flags):
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train_net.py"), *flags, *HISTORY_RUN, "SOLVER.MAX_ITER",
+                        str(max_iter), "OUTPUT_DIR", str(out)], cwd=REPO, capture_output=True, text=True)
+    return r.returncode, (r.stderr + r.stdout)  # stdout's last line last
+
+
+def metrics_rows(out):
+    return [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, trees_dataset):
+    """A finished 3-iteration run (copied by each test)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    rc, log = run_history(out, 3)
+    assert rc == 0, log[-3000:]
+    return out
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_resume_continues_the_wall_clock_and_drops_rows_after_the_checkpoint(tmp_path, finished_run):
+    """Resuming the 3-iteration run with MAX_ITER 5: wall_minutes goes on from the checkpoint's (it was
+    restarting at 0), the old final row (iteration 3, after the checkpoint of iteration 2) is replaced,
+    iterations strictly increase and wall_minutes never decreases."""
+    out = copy_run(finished_run, tmp_path / "run")
+    saved = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["trainer"]["wall_minutes"]
+    rc, log = run_history(out, 5, "--resume")
+    assert rc == 0, log[-3000:]
+    assert "Starting training from iteration 3" in log
+    assert "metrics.json: dropped 1 rows of iterations >= 3" in log
+    rows = [r for r in metrics_rows(out) if "wall_minutes" in r]
+    iterations, minutes = [r["iteration"] for r in rows], [r["wall_minutes"] for r in rows]
+    assert iterations == [2, 4, 5], iterations
+    assert minutes == sorted(minutes) and minutes[1] > saved > 0, minutes
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, finished_run):
+    out = copy_run(finished_run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "log.txt"}
+    rc, log = run_history(out, 3, "--resume")
+    assert rc == 0, log[-3000:]
+    assert log.strip().splitlines()[-1].endswith(
+        f"--resume: the run in {out} is finished (all SOLVER.MAX_ITER=3 iterations, model_final.pth and the final "
+        "evaluation are there); nothing to do. Raise SOLVER.MAX_ITER to train on, or use --eval-only to evaluate again")
+    assert "copypaste" not in log
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "log.txt"}
+    assert after.keys() - {"config.yaml"} == before.keys() - {"config.yaml"}
+    assert all(after[k] == before[k] for k in before if k != "config.yaml")
+    assert [r["iteration"] for r in metrics_rows(out) if "bbox/AP" in r] == [3]
+
+
+def test_fallback_resume_repairs_last_checkpoint_and_stops_at_max_iter(tmp_path, finished_run):
+    """model_final.pth truncated: --resume falls back to model_0000002.pth (iteration 2 of 3), points
+    last_checkpoint at it, then writes only the end of the run: an intact model_final.pth (named by
+    last_checkpoint), one final evaluation row at iteration 3 and nothing beyond."""
+    out = copy_run(finished_run, tmp_path / "run")
+    final = out / "model_final.pth"
+    with open(final, "r+b") as f:
+        f.truncate(os.path.getsize(final) // 2)
+    rc, log = run_history(out, 3, "--resume")
+    assert rc == 0, log[-3000:]
+    assert f"--resume: skipping {final} (truncated or corrupt zip archive" in log
+    assert "last_checkpoint now names model_0000002.pth" in log
+    assert log.count("copypaste: AP,AP50") == 1
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    assert checkpoint_problem(str(final)) is None
+    assert_identical(weights(final), weights(out / "model_0000002.pth"))
+    rows = metrics_rows(out)
+    assert max(r["iteration"] for r in rows) == 3
+    assert [r["iteration"] for r in rows if "bbox/AP" in r] == [3]
+    assert sorted(p.name for p in out.glob("model_*.pth")) == [
+        "model_0000000.pth", "model_0000001.pth", "model_0000002.pth", "model_final.pth"]
