@@ -67,13 +67,28 @@ def test_local_parameters_and_command_line_errors(tmp_path):
         (["--local", "--nodes", "2", *job_dir, "--", "--config-file", CONFIG], "one node"),
         ([*job_dir, "--", "SOLVER.MAX_ITER", "3"], "needs --config-file"),
     ]:
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(submit.LauncherError, match=message):
             submit.parse(argv)
-    with pytest.raises(SystemExit, match="IMS_PER_BATCH 4 cannot be split over 16 tasks"):
+    with pytest.raises(submit.LauncherError, match="IMS_PER_BATCH 4 cannot be split over 16 tasks"):
         submit.submit([*SLURM, *job_dir, "--", "--config-file", CONFIG, "SOLVER.IMS_PER_BATCH", "4"])
     if not torch.cuda.is_available():  # a GPU config run locally on a machine without GPUs: told what to add
-        with pytest.raises(SystemExit, match="add MODEL.DEVICE cpu"):
+        with pytest.raises(submit.LauncherError, match="add MODEL.DEVICE cpu"):
             submit.submit(["--local", "--gpus-per-node", "2", *job_dir, "--", "--config-file", CONFIG])
+
+
+def test_slurm_submission_without_slurm_is_a_named_error(tmp_path):
+    """No sbatch/srun on PATH (a laptop, a container): exit 2, one line naming both and offering --local."""
+    import subprocess
+
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable))  # python, no Slurm
+    r = subprocess.run([sys.executable, "tools/submit.py", *SLURM, "--job-dir", str(tmp_path / "job"), "--",
+                        "--config-file", CONFIG], cwd=REPO, capture_output=True, text=True, env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: tools/submit.py: sbatch and srun not found on PATH, so this is not a Slurm submission host; run it "
+        "where Slurm's commands are (a cluster's login node), or run here with --local")
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "job" / "submitit").exists()
 
 
 def test_resume_and_threads_follow_the_environment():

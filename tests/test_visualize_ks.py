@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -64,7 +65,8 @@ def test_main_writes_the_promised_pngs(tmp_path):
     json_file, image_dir = write_toy_dataset(tmp_path)
     out = tmp_path / "out"
     paths = vis.main(["--config-file", KS_CONDITIONAL, "--register-coco", "toy_vis_ks_main", json_file, image_dir,
-                      "--dataset", "toy_vis_ks_main", "--output", str(out), "--per-head", *TINY])
+                      "--dataset", "toy_vis_ks_main", "--output", str(out), "--per-head", *TINY,
+                      "MODEL.MOBILENET_V2.OUT_FEATURES", '["res5"]'])
     names = ["toy_fgmask.png", "toy_layer1_token0.png", "toy_layer1_token0_heads.png",
              "toy_layer1_token1.png", "toy_layer1_token1_heads.png"]
     assert [os.path.basename(p) for p in paths] == names
@@ -76,7 +78,7 @@ def test_main_writes_the_promised_pngs(tmp_path):
 
 
 def test_recorded_mask_and_attention_match_references(toy):
-    cfg = load_config(KS_CONDITIONAL, TINY)
+    cfg = load_config(KS_CONDITIONAL, [*TINY, "MODEL.MOBILENET_V2.OUT_FEATURES", '["res5"]'])
     torch.manual_seed(0)
     model = vis.build_ks_model(cfg, KS_CONDITIONAL)
     inputs, rgb, boxes = vis.load_example(cfg, vis.pick_record(toy, 0))
@@ -148,14 +150,26 @@ def test_deformable_sampling_points(toy, tmp_path):
     assert torch.equal(w["v"], w["s"]) and torch.equal(loc["a"], loc["s"])  # teachers reuse the locations
 
 
-def test_errors_name_the_bad_value(toy, tmp_path):
+def test_errors_name_the_bad_value(toy, tmp_path, capsys):
+    """Each mistake: exit status 2 and one last line naming the value (baseline configs: the KS sibling)."""
     run = ["--dataset", toy, "--output", str(tmp_path)]
-    with pytest.raises(SystemExit, match=r"token \(500, 10\) is outside the image \(width 128, height 128\)"):
-        vis.main(["--config-file", KS_CONDITIONAL, "--tokens", "500,10", *run, *TINY])
-    with pytest.raises(SystemExit, match="--layer 0 is not a KS encoder layer"):
-        vis.main(["--config-file", KS_CONDITIONAL, *run, "--layer", "0", *TINY])
+    tiny = [*TINY, "MODEL.MOBILENET_V2.OUT_FEATURES", '["res5"]']  # only what the single-scale configs read
+
+    def fails(argv, message):
+        with pytest.raises(SystemExit) as e:
+            vis.main(argv)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and last.startswith("error: ") and re.search(message, last), last
+        return last
+
+    fails(["--config-file", KS_CONDITIONAL, "--tokens", "500,10", *run, *tiny],
+          r"token \(500, 10\) is outside the image \(width 128, height 128\)")
+    fails(["--config-file", KS_CONDITIONAL, *run, "--layer", "0", *tiny], "--layer 0 is not a KS encoder layer")
     baseline = os.path.join(REPO, "configs", "conditional_detr_r50.yaml")
-    with pytest.raises(SystemExit, match="conditional_detr_r50.yaml is not a KS config"):
-        vis.main(["--config-file", baseline, *run, *TINY])
-    with pytest.raises(SystemExit, match="--index 7 out of range"):
-        vis.main(["--config-file", KS_CONDITIONAL, *run, "--index", "7", *TINY])
+    last = fails(["--config-file", baseline, *run, *tiny], "conditional_detr_r50.yaml is not a KS config")
+    assert last.endswith(f"use its KS version {os.path.join(REPO, 'configs', 'ks_conditional_detr_r50.yaml')}")
+    quickstart = os.path.join(REPO, "configs", "quickstart", "trees.yaml")
+    two_levels = [*TINY, "MODEL.MOBILENET_V2.OUT_FEATURES", '["res4", "res5"]']
+    last = fails(["--config-file", quickstart, *run, *two_levels], "trees.yaml is not a KS config")
+    assert last.endswith(f"use its KS version {os.path.join(REPO, 'configs', 'quickstart', 'ks_trees.yaml')}")
+    fails(["--config-file", KS_CONDITIONAL, *run, "--index", "7", *tiny], "--index 7 out of range")

@@ -20,6 +20,7 @@ failure) resumes as well.
 import argparse
 import copy
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,8 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from ks_detr.errors import UserError, report_user_errors  # noqa: E402
+
 LAUNCHER_OWNED = ("--num-gpus", "--num-machines", "--machine-rank", "--dist-url")
 SLURM_ONLY = ("partition", "account", "qos", "constraint", "comment", "mem_gb", "cpus_per_task")
+
+
+class LauncherError(UserError, ValueError):
+    """A launcher option or environment that cannot work (exit status 2, one line)."""
 
 
 def get_parser():
@@ -81,22 +88,22 @@ def parse(argv):
     if unknown and cut < len(argv):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if cut == len(argv):
-        raise SystemExit("tools/submit.py: give train_net.py's arguments after `--`, e.g. "
+        raise LauncherError("tools/submit.py: give train_net.py's arguments after `--`, e.g. "
                          "`tools/submit.py --job-dir DIR -- --config-file configs/X.yaml`")
     train_argv = argv[cut + 1:]
     owned = [a for a in train_argv if a.split("=")[0] in LAUNCHER_OWNED]
     if owned:
-        raise SystemExit(f"tools/submit.py: {', '.join(owned)} after `--` is set by the launcher "
+        raise LauncherError(f"tools/submit.py: {', '.join(owned)} after `--` is set by the launcher "
                          "(--nodes, --gpus-per-node)")
     if opts.nodes < 1 or opts.gpus_per_node < 1:
-        raise SystemExit("tools/submit.py: --nodes and --gpus-per-node must be >= 1")
+        raise LauncherError("tools/submit.py: --nodes and --gpus-per-node must be >= 1")
     if opts.local and opts.nodes != 1:
-        raise SystemExit("tools/submit.py: --local runs on one node (--nodes 1)")
+        raise LauncherError("tools/submit.py: --local runs on one node (--nodes 1)")
     import train_net
 
     args = train_net.get_parser().parse_args(train_argv)
     if not args.config_file:
-        raise SystemExit("tools/submit.py: train_net.py needs --config-file (after `--`)")
+        raise LauncherError("tools/submit.py: train_net.py needs --config-file (after `--`)")
     opts.job_dir = os.path.abspath(opts.job_dir)
     args.config_file = os.path.abspath(args.config_file)
     if "OUTPUT_DIR" not in args.opts[0::2]:
@@ -222,14 +229,14 @@ def submit(argv):
         import torch
 
         if torch.cuda.device_count() < opts.gpus_per_node:
-            raise SystemExit(f"tools/submit.py: --local with {opts.gpus_per_node} processes on "
+            raise LauncherError(f"tools/submit.py: --local with {opts.gpus_per_node} processes on "
                              f"{cfg.MODEL.DEVICE} but {torch.cuda.device_count()} GPU(s) here; "
                              "add MODEL.DEVICE cpu after `--` to run on CPU")
     world = opts.nodes * opts.gpus_per_node
     if not args.eval_only:  # the batch is split over the tasks (after SOLVER.REFERENCE_WORLD_SIZE scaling)
         batch = Trainer.auto_scale_workers(cfg, world).SOLVER.IMS_PER_BATCH
         if batch % world:
-            raise SystemExit(f"tools/submit.py: SOLVER.IMS_PER_BATCH {batch} cannot be split over {world} tasks "
+            raise LauncherError(f"tools/submit.py: SOLVER.IMS_PER_BATCH {batch} cannot be split over {world} tasks "
                              f"({opts.nodes} node(s) x {opts.gpus_per_node})")
     if __name__ != "__main__":  # imported (tests): ship this module's code with the pickle
         import cloudpickle
@@ -242,6 +249,11 @@ def submit(argv):
             print(f"[tools/submit.py] --local ignores {', '.join(ignored)}")
         executor = submitit.LocalExecutor(folder, max_num_timeout=opts.max_timeouts)
     else:
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing:
+            raise LauncherError(f"tools/submit.py: {' and '.join(missing)} not found on PATH, so this is not a Slurm "
+                                "submission host; run it where Slurm's commands are (a cluster's login node), or "
+                                "run here with --local")
         executor = submitit.SlurmExecutor(folder, max_num_timeout=opts.max_timeouts)
     executor.update_parameters(**executor_parameters(opts))
     job = executor.submit(TrainJob(args, cfg.MODEL.DEVICE, requeue=not opts.no_requeue))
@@ -249,7 +261,9 @@ def submit(argv):
 
 
 def main(argv=None):
-    job, opts, args = submit(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    with report_user_errors():
+        job, opts, args = submit(argv)
     output_dir = args.opts[args.opts.index("OUTPUT_DIR") + 1]
     where = "local job (controller pid)" if opts.local else "Slurm job"
     print(f"Submitted {where} {job.job_id}: {opts.nodes} node(s) x {opts.gpus_per_node} task(s)")

@@ -42,7 +42,7 @@ from ks_detr import load_config  # noqa: E402
 from ks_detr.checkpoint import AtomicCheckpointer  # noqa: E402
 from ks_detr.data.custom import register_checked_coco  # noqa: E402
 from ks_detr.data.images import read_image  # noqa: E402
-from ks_detr.errors import report_user_errors  # noqa: E402
+from ks_detr.errors import UserError, report_user_errors  # noqa: E402
 
 PANEL, TITLE, HEADER, DPI = 360, 44, 36, 100  # panel width, title and header heights (pixels)
 STREAM_TITLES = {  # (dense, deformable) panel titles per stream kind
@@ -54,6 +54,20 @@ STREAM_TITLES = {  # (dense, deformable) panel titles per stream kind
 LEVEL_COLORS = ("tab:red", "tab:cyan", "tab:orange", "tab:green", "tab:purple", "tab:olive")
 
 
+class VisualizeError(UserError, ValueError):
+    """A config, dataset or option this tool cannot show (exit status 2, one line)."""
+
+
+def ks_config_suggestion(config_file):
+    """What to use instead of a baseline config: its ks_ sibling when there is one."""
+    folder, name = os.path.split(config_file)
+    sibling = os.path.join(folder, "ks_" + name)
+    if os.path.isfile(sibling):
+        return f"use its KS version {sibling}"
+    return ("use a KS config (a ks_*.yaml: configs/ks_<family>_r50.yaml, configs/quickstart/ks_trees.yaml, ...) or "
+            "add MODEL.KS.ENABLED True")
+
+
 # ---- recording ------------------------------------------------------------------------------
 def resolve_layer(model, layer=None):
     """Index in [0, n) of the KS encoder layer ``layer`` (a python index; None = the last KS layer)."""
@@ -62,7 +76,7 @@ def resolve_layer(model, layer=None):
     if layer is None:
         return ks[-1]
     if not -n <= layer < n or layer % n not in ks:
-        raise SystemExit(f"error: --layer {layer} is not a KS encoder layer (KS layers: {ks} of {n})")
+        raise VisualizeError(f"--layer {layer} is not a KS encoder layer (KS layers: {ks} of {n})")
     return layer % n
 
 
@@ -93,17 +107,17 @@ def ks_forward(model, batched_inputs):
 def pick_record(dataset, index=None, file_name=None):
     """The dataset dict of ``dataset`` at ``index`` or with basename ``file_name``."""
     if dataset not in DatasetCatalog.list():
-        raise SystemExit(f"error: dataset {dataset!r} is not registered (known: {sorted(DatasetCatalog.list())}; "
-                         "add --register-coco NAME JSON IMAGE_DIR)")
+        raise VisualizeError(f"dataset {dataset!r} is not registered (known: {sorted(DatasetCatalog.list())}; "
+                             "add --register-coco NAME JSON IMAGE_DIR)")
     records = DatasetCatalog.get(dataset)
     if file_name is not None:
         hits = [r for r in records if os.path.basename(r["file_name"]) == os.path.basename(file_name)]
         if not hits:
-            raise SystemExit(f"error: --image {file_name!r} is not in dataset {dataset!r} "
-                             f"(e.g. {[os.path.basename(r['file_name']) for r in records[:3]]})")
+            raise VisualizeError(f"--image {file_name!r} is not in dataset {dataset!r} "
+                                 f"(e.g. {[os.path.basename(r['file_name']) for r in records[:3]]})")
         return hits[0]
     if not 0 <= index < len(records):
-        raise SystemExit(f"error: --index {index} out of range: dataset {dataset!r} has {len(records)} images")
+        raise VisualizeError(f"--index {index} out of range: dataset {dataset!r} has {len(records)} images")
     return records[index]
 
 
@@ -119,8 +133,8 @@ def load_example(cfg, record):
     annos = [a for a in record.get("annotations", []) if a.get("iscrowd", 0) == 0]
     bad = [a["category_id"] for a in annos if not 0 <= a["category_id"] < cfg.MODEL.DETR.NUM_CLASSES]
     if bad:
-        raise SystemExit(f"error: {record['file_name']} has category ids {sorted(set(bad))}, outside "
-                         f"MODEL.DETR.NUM_CLASSES={cfg.MODEL.DETR.NUM_CLASSES}")
+        raise VisualizeError(f"{record['file_name']} has category ids {sorted(set(bad))}, outside "
+                             f"MODEL.DETR.NUM_CLASSES={cfg.MODEL.DETR.NUM_CLASSES}")
     boxes = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
                      dtype=np.float32).reshape(-1, 4)
     aug = T.AugInput(image)
@@ -153,7 +167,7 @@ class Geometry:
     def token(self, x, y, level):
         """Token index (into the concatenated levels) of image pixel (x, y) on ``level``."""
         if not (0 <= x < self.W0 and 0 <= y < self.H0):
-            raise SystemExit(f"error: token ({x:g}, {y:g}) is outside the image (width {self.W0}, height {self.H0})")
+            raise VisualizeError(f"token ({x:g}, {y:g}) is outside the image (width {self.W0}, height {self.H0})")
         h, w = self.shapes[level]
         i = int(y / self.sy / self.H_pad * h)
         j = int(x / self.sx / self.W_pad * w)
@@ -340,9 +354,9 @@ def build_ks_model(cfg, config_file):
     """The model of ``cfg`` with MODEL.WEIGHTS loaded; rejects a model without KS layers."""
     model = build_model(cfg)
     if not getattr(model, "ks_enabled", False):
-        raise SystemExit(f"error: {config_file} is not a KS config (MODEL.META_ARCHITECTURE="
-                         f"{cfg.MODEL.META_ARCHITECTURE!r}, MODEL.KS.ENABLED={cfg.MODEL.KS.ENABLED}): "
-                         "use a configs/ks_*.yaml")
+        raise VisualizeError(f"{config_file} is not a KS config (MODEL.META_ARCHITECTURE="
+                             f"{cfg.MODEL.META_ARCHITECTURE!r}, MODEL.KS.ENABLED={cfg.MODEL.KS.ENABLED}): "
+                             f"{ks_config_suggestion(config_file)}")
     if cfg.MODEL.WEIGHTS:
         AtomicCheckpointer(model, allow_partial=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL).load(cfg.MODEL.WEIGHTS)
     else:
@@ -370,8 +384,8 @@ def run(args):
         ks_forward(model, [inputs])
     geo = Geometry(rgb.shape[:2], inputs["image"].shape[-2:], rec["padded_size"], rec["token_shapes"])
     if not 0 <= args.query_level < len(geo.shapes):
-        raise SystemExit(f"error: --query-level {args.query_level} out of range: the model has "
-                         f"{len(geo.shapes)} feature level(s)")
+        raise VisualizeError(f"--query-level {args.query_level} out of range: the model has "
+                             f"{len(geo.shapes)} feature level(s)")
     fg = rec["fg"][0].cpu()
     rec = {k: ({s: t.float().cpu() for s, t in v.items()} if isinstance(v, dict) else v) for k, v in rec.items()}
     points = args.tokens or default_tokens(geo, fg.numpy(), boxes, args.query_level)
