@@ -10,30 +10,38 @@ GPU or CPU, mixed precision, exact resume, preemption checkpoints).
     python train_net.py --config-file ... --register-coco my_train train.json images/ \
         --register-coco my_val val.json images/ DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_val",)'
 """
+import logging
 import multiprocessing
 import os
 import signal
 import sys
 import tempfile
+import warnings
 
-from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.evaluation import verify_results
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
-from torch.multiprocessing import ProcessExitedException
+# import-time messages that say nothing about the run (ks_detr.logs explains the rest)
+warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU
 
-from ks_detr import load_config
-from ks_detr.checkpoint import load_eval_weights
-from ks_detr.data import check_num_classes, register_checked_coco
-from ks_detr.engine import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, Trainer, keep_freed_cpu_memory
-from ks_detr.errors import ERROR_FILE_ENV, USER_ERROR_EXIT_CODE, repeat_worker_error, report_user_errors
+from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from torch.multiprocessing import ProcessExitedException  # noqa: E402
+
+from ks_detr import load_config  # noqa: E402
+from ks_detr.checkpoint import load_eval_weights  # noqa: E402
+from ks_detr.data import check_num_classes, register_checked_coco  # noqa: E402
+from ks_detr.data.images import set_max_image_pixels  # noqa: E402
+from ks_detr.engine import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, Trainer, keep_freed_cpu_memory  # noqa: E402
+from ks_detr.errors import ERROR_FILE_ENV, USER_ERROR_EXIT_CODE, repeat_worker_error, report_user_errors  # noqa: E402
+from ks_detr.logs import setup_run_logging  # noqa: E402
 
 
 def setup(args):
+    """Config, loggers (the environment/config/model dump to OUTPUT_DIR/log.txt only), pixel limit, malloc."""
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ks_detr")
+    setup_run_logging(cfg, args)
+    set_max_image_pixels(cfg.INPUT.get("MAX_IMAGE_PIXELS"))  # INPUT.MAX_IMAGE_PIXELS (ks_detr.data.images)
     keep_freed_cpu_memory(cfg)
     return cfg
 

@@ -169,6 +169,10 @@ class LossSums(HookBase):
         storage.put_scalar("student_loss", sum(v for k, v in terms.items() if not is_teacher_loss(k)))
         if teacher:
             storage.put_scalar("teacher_loss", sum(teacher))
+        if not getattr(self, "_told", False):
+            self._told = True
+            shown = "total_loss, student_loss and teacher_loss" if teacher else "total_loss and the last layer's terms"
+            logger.info(f"progress lines show {shown}; all {len(terms)} loss terms are in metrics.json and TensorBoard")
 
 
 class LossSumPrinter(CommonMetricPrinter):
