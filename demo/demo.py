@@ -5,7 +5,8 @@
         --output out/ [--confidence 0.3] MODEL.WEIGHTS output/model_final.pth
 
 ``--input`` takes image files, folders (every image inside, recursively) and glob patterns (quote them;
-``**`` matches any depth). In folders and pattern matches only images count (extensions .jpg .jpeg .png .bmp
+``**`` matches any depth). Symbolic links are followed, each real folder and file once: a link to a folder
+above it (a loop) adds nothing, and an image reached by several paths is predicted once. In folders and pattern matches only images count (extensions .jpg .jpeg .png .bmp
 .tif .tiff .webp, any case); a file named directly is always tried. Each PNG mirrors its image's path below
 the deepest folder holding all images: ``a/x.jpg b/x.jpg -> out/a/x.png out/b/x.png``. Where two images would
 still get the same PNG (``x.jpg`` and ``x.png``), they keep their extension: ``x.jpg.png``, ``x.png.png``.
@@ -41,12 +42,41 @@ def is_image_name(path):
 
 
 def images_in(folder):
-    """Image files below ``folder``, recursively, in sorted order."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
+    """Image files below ``folder``, recursively, in sorted order; linked folders are followed, each
+    real folder once (a link to a folder above it is not entered again)."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in seen)
         found += [os.path.join(root, f) for f in sorted(files) if is_image_name(f)]
     return found
+
+
+def glob_once(pattern):
+    """``glob(pattern, recursive=True)``, sorted, but ``**`` enters each real folder once (a symlink loop
+    is not followed round and round)."""
+    if "**" not in pattern:
+        return sorted(glob.glob(pattern, recursive=True))
+    head, _, tail = pattern.partition("**")
+    tail = tail.lstrip("/" + os.sep)
+    roots = sorted(glob.glob(head, recursive=True)) if glob.has_magic(head) else [head or os.curdir]
+    found = []
+    for base in roots:
+        seen = set()
+        for root, dirs, _ in os.walk(base, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs.sort()
+            prefix = glob.escape(root if head else os.path.relpath(root))
+            found += glob_once(os.path.join(prefix, tail)) if tail else [root]
+    return sorted(dict.fromkeys(found))
 
 
 def resolve_inputs(inputs):
@@ -56,7 +86,7 @@ def resolve_inputs(inputs):
         if os.path.exists(spec):
             matches, explicit = [spec], True
         elif glob.has_magic(spec):
-            matches, explicit = sorted(glob.glob(spec, recursive=True)), False
+            matches, explicit = glob_once(spec), False
         else:
             failures.append((spec, "does not exist"))
             continue
@@ -72,7 +102,7 @@ def resolve_inputs(inputs):
             failures.append((spec, "contains no image file" if explicit else "matches no image file"))
     unique = {}
     for f in files:
-        unique.setdefault(os.path.abspath(f), f)
+        unique.setdefault(os.path.realpath(f), f)  # one prediction per real file, whatever links lead to it
     return list(unique.values()), failures
 
 

@@ -109,6 +109,22 @@ def test_demo_no_input_found(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_demo_follows_a_symlink_loop_once(tmp_path):
+    """dir/ holds a.jpg, sub/b.jpg and self -> dir (a loop): 'dir/**/*.jpg' and dir itself predict each
+    image once (plain glob finds a.jpg again at every depth of self/self/...)."""
+    src = tmp_path / "dir"
+    save_image(src / "a.jpg", (40, 30))
+    save_image(src / "sub" / "b.jpg", (30, 40))
+    os.symlink(src, src / "self")
+    assert demo.glob_once(str(src / "**" / "*.jpg")) == [str(src / "a.jpg"), str(src / "sub" / "b.jpg")]
+    assert demo.images_in(str(src)) == [str(src / "a.jpg"), str(src / "sub" / "b.jpg")]
+    r = run_demo(tmp_path / "out", src / "**" / "*.jpg", src)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == f"2 PNG(s) written to {tmp_path / 'out'}, 0 input(s) failed"
+    written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert written == ["a.png", "sub/b.png"]
+
+
 def test_plot_metrics(tmp_path):
     rows = [{"iteration": i, "total_loss": 10.0 / (i + 1), "loss_class": 1.0 / (i + 1)} for i in range(0, 40, 20)]
     rows.append({"iteration": 39, "bbox/AP": 1.5, "bbox/AP50": 4.0})
