@@ -16,6 +16,7 @@ OPTIMIZERS = ("ADAMW", "SGD")
 CLIP_TYPES = ("full_model", "value", "norm")
 AMP_DTYPES = ("", "bfloat16", "float16")
 ACTIVATIONS = ("relu", "prelu", "gelu")
+FLIPS = ("horizontal", "vertical", "none")  # INPUT.RANDOM_FLIP, as detectron2
 
 
 def add_ks_detr_config(cfg):
@@ -181,6 +182,130 @@ def check_ks_detr_config(cfg):
         _fail("TEST.AUG.ENABLED", cfg.TEST.AUG.ENABLED, "test-time augmentation is not supported")
     if cfg.MODEL.MASK_ON:
         _fail("MODEL.MASK_ON", cfg.MODEL.MASK_ON, "ks-detr models predict boxes only")
+    if cfg.INPUT.RANDOM_FLIP not in FLIPS:
+        _fail("INPUT.RANDOM_FLIP", cfg.INPUT.RANDOM_FLIP, f"choose one of {FLIPS}")
+    check_keys_act(cfg)
+
+
+# detectron2's keys of its own detectors' heads, proposals and other tasks: no DETR family reads them
+D2_DETECTOR_KEYS = ("MODEL.PROPOSAL_GENERATOR.", "MODEL.ANCHOR_GENERATOR.", "MODEL.RPN.",
+                    "MODEL.ROI_HEADS.", "MODEL.ROI_BOX_HEAD.", "MODEL.ROI_BOX_CASCADE_HEAD.", "MODEL.ROI_MASK_HEAD.",
+                    "MODEL.ROI_KEYPOINT_HEAD.", "MODEL.SEM_SEG_HEAD.", "MODEL.PANOPTIC_FPN.", "MODEL.RETINANET.",
+                    "MODEL.KEYPOINT_ON", "TEST.KEYPOINT_OKS_SIGMAS", "INPUT.MASK_FORMAT", "VIS_PERIOD")
+_DEFAULTS = {}
+
+
+def _flat(node, prefix=""):
+    out = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _changed(cfg):
+    """{key: value} of ``cfg``'s keys that differ from detectron2's + ks-detr's defaults."""
+    if not _DEFAULTS:
+        defaults = get_cfg()
+        add_ks_detr_config(defaults)
+        _DEFAULTS.update(_flat(defaults))
+    return {k: v for k, v in _flat(cfg).items() if k in _DEFAULTS and v != _DEFAULTS[k]}
+
+
+def check_keys_act(cfg):
+    """Refuse, naming the key, what the model of ``MODEL.META_ARCHITECTURE`` would silently ignore (what it
+    cannot do at all, e.g. ``MODEL.DETR.TWO_STAGE`` where query selection is not implemented, the model's
+    constructor refuses).
+
+    Keys under an on/off switch that a config may flip alone (``INPUT.CROP.*``, ``SOLVER.CLIP_GRADIENTS.*``,
+    ``SOLVER.AMP.DTYPE``, the denoising noise under ``DN.GROUPS``/``DN.NUM_QUERIES`` 0, the lr schedulers' own
+    keys) are accepted while their switch is off, as in detectron2; ``MODEL.KS.*`` is not (KS configs are
+    separate files, and a KS key on a baseline is a forgotten switch)."""
+    from .modeling.deformable_detr import DeformableDETR
+    from .modeling.detr import DETRBase
+    from .modeling.dn_deformable_detr import DNDeformableDETR
+    from .modeling.dn_detr import DNDETR
+
+    name = cfg.MODEL.META_ARCHITECTURE
+    try:
+        arch = META_ARCH_REGISTRY.get(name)
+    except KeyError:
+        return  # build_model names it
+    changed = _changed(cfg)
+    if cfg.MODEL.LOAD_PROPOSALS:
+        _fail("MODEL.LOAD_PROPOSALS", True, "the ks-detr data loader does not load precomputed proposals")
+    if cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE != _DEFAULTS["MODEL.RESNETS.DEFORM_ON_PER_STAGE"] and not _has_d2_ops():
+        _fail("MODEL.RESNETS.DEFORM_ON_PER_STAGE", cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE,
+              "deformable convolutions need detectron2's compiled ops (detectron2._C), which this install lacks")
+    if not issubclass(arch, DETRBase):
+        for key, value in changed.items():
+            if key.startswith(("MODEL.DETR.", "MODEL.KS.")):
+                _fail(key, value, f"configures the DETR families; MODEL.META_ARCHITECTURE={name} does not read it")
+        return
+    for key, value in changed.items():
+        if key.startswith(D2_DETECTOR_KEYS) or (key.startswith("MODEL.FPN.") and "fpn" not in cfg.MODEL.BACKBONE.NAME):
+            _fail(key, value, f"read by detectron2's own detectors (R-CNN, RetinaNet, segmentation, keypoints) or "
+                              f"FPN backbones only; MODEL.META_ARCHITECTURE={name} with MODEL.BACKBONE.NAME="
+                              f"{cfg.MODEL.BACKBONE.NAME} does not read it")
+    d, ks = cfg.MODEL.DETR, cfg.MODEL.KS
+    ks_on = ks.ENABLED or (ks.ENABLED is None and arch.FORCES_KS)
+    if not ks_on:
+        for key, value in changed.items():
+            if key.startswith("MODEL.KS.") and key != "MODEL.KS.ENABLED":
+                _fail(key, value, f"knowledge sharing is off (MODEL.KS.ENABLED={ks.ENABLED}, "
+                                  f"MODEL.META_ARCHITECTURE={name}): set MODEL.KS.ENABLED True or leave MODEL.KS.* "
+                                  "at their defaults")
+    if "MODEL.KS.TEACHER_PROPOSALS" in changed and not d.TWO_STAGE:
+        _fail("MODEL.KS.TEACHER_PROPOSALS", ks.TEACHER_PROPOSALS,
+              "chooses the teachers' anchors among selected proposals: needs MODEL.DETR.TWO_STAGE True")
+    if not issubclass(arch, (DNDETR, DNDeformableDETR)):
+        for key, value in changed.items():
+            if key.startswith("MODEL.DETR.DN."):
+                _fail(key, value, f"MODEL.META_ARCHITECTURE={name} has no denoising queries (DN-DETR, "
+                                  "DN-Deformable DETR and DINO have)")
+    elif d.DN.NUM_QUERIES and "MODEL.DETR.DN.GROUPS" in changed:
+        _fail("MODEL.DETR.DN.GROUPS", d.DN.GROUPS,
+              f"not read while MODEL.DETR.DN.NUM_QUERIES={d.DN.NUM_QUERIES} > 0 sets the groups (NUM_QUERIES // "
+              "most boxes per image); no denoising: set both 0")
+    if not issubclass(arch, DeformableDETR):
+        for key in ("MODEL.DETR.NUM_FEATURE_LEVELS", "MODEL.DETR.DEFORMABLE_POINTS"):
+            if key in changed:
+                _fail(key, changed[key], f"MODEL.META_ARCHITECTURE={name} attends to one feature map with plain "
+                                         "attention (the Deformable families are multi-scale)")
+    out = _backbone_out_features(cfg)
+    unused = [f for f in out if f not in d.IN_FEATURES]
+    if unused and set(d.IN_FEATURES) <= set(out):  # (an IN_FEATURE the backbone lacks: build_model names it)
+        key = "MODEL.MOBILENET_V2.OUT_FEATURES" if "mobilenet_v2" in cfg.MODEL.BACKBONE.NAME else \
+            "MODEL.RESNETS.OUT_FEATURES"
+        _fail(key, list(out), f"{unused} not in MODEL.DETR.IN_FEATURES={list(d.IN_FEATURES)}: computed and never used")
+    if "TEST.DETECTIONS_PER_IMAGE" in changed:
+        _fail("TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE,
+              f"the DETR families keep MODEL.DETR.NUM_TOPK_TEST={d.NUM_TOPK_TEST} detections per image (top-k over "
+              "queries x classes): set that")
+    if cfg.SOLVER.OPTIMIZER.upper() == "ADAMW":
+        for key in ("SOLVER.MOMENTUM", "SOLVER.NESTEROV"):
+            if key in changed:
+                _fail(key, changed[key], "read by SOLVER.OPTIMIZER SGD only (ADAMW: betas (0.9, 0.999))")
+    if "mobilenet_v2" not in cfg.MODEL.BACKBONE.NAME:  # (MODEL.RESNETS.* with MobileNet-V2: set by Base-DETR.yaml)
+        for key, value in changed.items():
+            if key.startswith("MODEL.MOBILENET_V2."):
+                _fail(key, value, f"MODEL.BACKBONE.NAME={cfg.MODEL.BACKBONE.NAME} is not a MobileNet-V2 backbone")
+
+
+def _backbone_out_features(cfg):
+    name = cfg.MODEL.BACKBONE.NAME
+    if name == "build_resnet_backbone":
+        return cfg.MODEL.RESNETS.OUT_FEATURES
+    if name == "build_mobilenet_v2_backbone":
+        return cfg.MODEL.MOBILENET_V2.OUT_FEATURES
+    return []  # other backbones: build_model checks MODEL.DETR.IN_FEATURES against what they give
+
+
+def _has_d2_ops():
+    try:
+        from detectron2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def load_config(config_file, opts=()):
