@@ -4,7 +4,18 @@
 student: a KS checkpoint is exported through :func:`build_student`, teachers dropped). Its input is one
 image as detectron2's ``DefaultPredictor`` hands it to the model, i.e. after the config's test resize;
 its outputs are what ``model([{"image": image}])`` returns, as tensors.
+
+Tracing warns where Python branches on a tensor. The branches listed in :data:`SAFE_TRACE_BRANCHES`
+depend only on the model's configuration (head sizes, layer counts, queries x classes), never on the
+image size, so the trace holds for every size (tests/test_export.py traces one size and compares
+others); their warnings are not shown. Any other tracer warning is shown as it is. Also not shown:
+torch's deprecation notes on ``torch.jit.trace`` / the TorchScript-based ONNX exporter (chosen on
+purpose: it exports the traced graph with dynamic H and W) and the ONNX note that advanced indexing
+becomes several ONNX operators (the results are compared with the eager model in the tests).
 """
+import linecache
+import warnings
+
 import torch
 from detectron2.layers import shapes_to_tensor
 from detectron2.modeling import build_model
@@ -66,13 +77,55 @@ def build_student(cfg, weights):
     return model.eval(), len(state) - len(student)
 
 
+# (file path ending, code on the warned line) of tracer warnings that are safe for every image size
+SAFE_TRACE_BRANCHES = (
+    ("detectron2/structures/image_list.py", "t.shape[:-2] == tensors[0].shape[:-2]"),  # channel dims only
+    ("torch/nn/functional.py", "size_prods == 1"),  # batch norm's check of more than one value per channel
+    ("deformable_attention.py", "reference_points.shape[-1] == 4"),  # boxes or points: fixed per model
+    ("query_selection.py", "N < self.num_queries"),  # a config check (enough tokens for the queries)
+    ("layers/transformer.py", "v.shape[-1] < q.shape[-1]"),  # head sizes: fixed per model
+    ("modeling/dn_deformable_detr.py", "zip(self."),  # one head per decoder layer: a fixed count
+    ("modeling/detr.py", "min(self.num_topk, Q * K)"),  # queries x classes: fixed per model
+)
+QUIET_MESSAGES = ("`torch.jit.trace` is deprecated", "`torch.jit.trace_method` is deprecated",
+                  "`torch.jit.save` is deprecated", "You are using the legacy TorchScript-based ONNX export",
+                  "The feature will be removed", "Exporting aten::index operator of advanced indexing")
+
+
+def is_known_safe(warning):
+    """Whether a recorded warning is one of :data:`SAFE_TRACE_BRANCHES` / :data:`QUIET_MESSAGES`."""
+    message = str(warning.message)
+    if message.startswith(QUIET_MESSAGES):
+        return True
+    if warning.category is not torch.jit.TracerWarning:
+        return False
+    line = linecache.getline(warning.filename, warning.lineno)
+    path = warning.filename.replace("\\", "/")
+    return any(path.endswith(tail) and code in line for tail, code in SAFE_TRACE_BRANCHES)
+
+
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}
 OUTPUT_NAMES = ("boxes", "scores", "classes")
 
 
 def export(detector, sample, fmt, path, opset=17):
     """Trace ``detector`` (an :class:`ExportableDetector`) on ``sample`` (3, H, W) and write it to ``path``
-    as TorchScript (``torch.jit.trace``) or ONNX (``torch.onnx.export`` of the same trace, H and W dynamic)."""
+    as TorchScript (``torch.jit.trace``) or ONNX (``torch.onnx.export`` of the same trace, H and W dynamic).
+    Warnings other than the known-safe ones (:func:`is_known_safe`) are shown; returns how many were
+    known-safe."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _export(detector, sample, fmt, path, opset)
+    known = 0
+    for w in caught:
+        if is_known_safe(w):
+            known += 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return known
+
+
+def _export(detector, sample, fmt, path, opset):
     with torch.no_grad():
         if fmt == "torchscript":
             torch.jit.save(torch.jit.trace(detector, (sample,), check_trace=False), path)
@@ -95,7 +148,9 @@ def load_exported(path, threads=None):
         options.intra_op_num_threads = threads or torch.get_num_threads()
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         return lambda image: tuple(torch.from_numpy(a) for a in session.run(None, {"image": image.numpy()}))
-    module = torch.jit.load(path, map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch.jit.load` is deprecated", category=FutureWarning)
+        module = torch.jit.load(path, map_location="cpu")
 
     def run(image):
         with torch.no_grad():

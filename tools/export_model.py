@@ -4,8 +4,9 @@
     python tools/export_model.py --config-file configs/quickstart/ks_trees.yaml --format torchscript \\
         --output exported/ [--check a.jpg b.jpg] MODEL.WEIGHTS output/quickstart/ks_trees/model_final.pth
 
-Writes ``model.ts`` (``torch.jit.load``) or ``model.onnx`` (onnxruntime, opset ``--opset``) and ``export.json``
-into ``--output``. The exported function takes one image (3, H, W) float32, any H and W, in the config's
+Writes ``model.ts`` (``torch.jit.load``) or ``model.onnx`` (onnxruntime, opset ``--opset``) into ``--output``,
+each with its own metadata file ``model.ts.json`` / ``model.onnx.json`` (so both formats can share a folder).
+``tools/run_exported.py`` runs an exported file on images and draws its boxes as ``demo/demo.py`` does. The exported function takes one image (3, H, W) float32, any H and W, in the config's
 ``INPUT.FORMAT`` channel order, 0-255, after the config's test resize (shortest side ``INPUT.MIN_SIZE_TEST``,
 longest at most ``INPUT.MAX_SIZE_TEST``, as detectron2's DefaultPredictor), and returns ``boxes`` (n, 4) xyxy in
 that image's pixels, ``scores`` (n,) and ``classes`` (n,): what the eager model returns for it, best first.
@@ -19,9 +20,13 @@ import re
 import statistics
 import sys
 import time
+import warnings
 
-import torch
-from detectron2.data import transforms as T
+# torch's deprecation of torch.jit.script, used inside detectron2/fvcore: nothing to act on here
+warnings.filterwarnings("ignore", message=r"`torch.jit.(script|load)` is deprecated", category=FutureWarning)
+
+import torch  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ks_detr import load_config  # noqa: E402
@@ -60,6 +65,22 @@ def test_image(cfg, path):
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     image = resize.get_transform(image).apply_image(image)
     return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+
+
+def class_names(cfg):
+    """The category names of the config's test (else train) dataset, if it is registered; else None."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    names = cfg.DATASETS.TEST or cfg.DATASETS.TRAIN
+    if not names:
+        return None
+    try:
+        meta = MetadataCatalog.get(names[0])
+        if not hasattr(meta, "thing_classes") and hasattr(meta, "json_file"):
+            DatasetCatalog.get(names[0])  # loading a COCO json fills thing_classes
+        return list(meta.get("thing_classes", None) or []) or None
+    except Exception:  # a dataset that cannot be loaded here (not downloaded): the names are optional
+        return None
 
 
 def median_ms(fn, image, repeat):
@@ -122,9 +143,9 @@ def run(args):
                                                           "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
                                                           "max_size_test": cfg.INPUT.MAX_SIZE_TEST},
             "outputs": {"boxes": "(n, 4) xyxy pixels", "scores": "(n,)", "classes": "(n,) int64"},
-            "classes": cfg.MODEL.DETR.NUM_CLASSES, "opset": args.opset if args.format == "onnx" else None,
-            "torch": torch.__version__}
-    with open(os.path.join(args.output, "export.json"), "w") as f:
+            "classes": cfg.MODEL.DETR.NUM_CLASSES, "class_names": class_names(cfg),
+            "opset": args.opset if args.format == "onnx" else None, "torch": torch.__version__}
+    with open(path + ".json", "w") as f:
         json.dump(info, f, indent=2)
     print(f"wrote {path} ({model.__class__.__name__}, {dropped} teacher tensors dropped)", flush=True)
     exported = load_exported(path, args.threads)
