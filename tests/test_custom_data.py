@@ -203,8 +203,10 @@ def test_skip_bad_records_leaves_them_out_with_their_images_and_counts_them(tmp_
 
 
 def run_train_net(tmp_path, js, img, *opts):
+    flags = [o for o in opts if o.startswith("--")]
+    opts = [o for o in opts if not o.startswith("--")]
     return subprocess.run(
-        [sys.executable, "train_net.py", "--config-file", "configs/conditional_detr_r50.yaml",
+        [sys.executable, "train_net.py", *flags, "--config-file", "configs/conditional_detr_r50.yaml",
          "--register-coco", "mine_train", js, img, "--register-coco", "mine_val", js, img,
          "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.DETR.NUM_CLASSES", "2",
          "MODEL.DETR.NUM_QUERIES", "20", "DATASETS.TRAIN", '("mine_train",)',
@@ -376,3 +378,26 @@ def test_decompression_bomb_is_a_named_bad_record(tmp_path):
     add_image_config(cfg)
     assert cfg.INPUT.MAX_IMAGE_PIXELS == DEFAULT_MAX_IMAGE_PIXELS
     check_coco_json(js, img, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, skip_bad=True)  # restore the default
+
+
+def test_train_net_names_a_decompression_bomb_and_skips_it_on_request(tmp_path):
+    """--register-coco with a 14000x14000 PNG (json size matching): exit 2 before training with the named
+    last line; with --skip-bad-records the image is left out (counted) and training starts."""
+    data = coco(3, [{"id": 1, "image_id": 0, "category_id": 7, "bbox": [10, 10, 20, 15]},
+                    {"id": 2, "image_id": 1, "category_id": 9, "bbox": [5, 5, 30, 30]},
+                    {"id": 3, "image_id": 2, "category_id": 7, "bbox": [10, 10, 20, 15]}])
+    data["images"][2].update(file_name="big.png", width=14000, height=14000)
+    js, img = write_dataset(tmp_path, data)
+    declared_png(tmp_path / "img" / "big.png", 14000, 14000)
+    r = run_train_net(tmp_path, js, img)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {js}: image id 2 (big.png): {os.path.join(img, 'big.png')}: 14000x14000 = 196,000,000 pixels, more "
+        "than INPUT.MAX_IMAGE_PIXELS = 178,956,970 (the guard against decompression bombs); if the image is genuine, "
+        "raise INPUT.MAX_IMAGE_PIXELS, or pass --skip-bad-records to leave it out")
+    assert "Traceback" not in r.stdout + r.stderr
+    r = run_train_net(tmp_path, js, img, "--skip-bad-records")
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert "--skip-bad-records left out 1 images and 0 bad annotations (plus the 1 annotations" in log
+    assert "14000x14000 = 196,000,000 pixels" in log and "or pass --skip-bad-records" not in log
