@@ -47,9 +47,11 @@ def add_ks_detr_config(cfg):
     _C.FOCAL_ALPHA = 0.25  # focal loss alpha (loss and matcher)
     _C.FOCAL_GAMMA = 2.0  # focal loss gamma (loss and matcher)
     _C.AUX_LOSS = True  # loss on every decoder layer, not only the last
-    # official numerics (ours by default; the official/detrex Conditional, DAB and DN-DETR code differs):
+    # official numerics (ours by default; ks_detr.config.official_numerics gives the official code's values per family):
     _C.DECODER_PADDING_MASK = True  # decoder cross-attention ignores padded memory tokens (official C/DAB/DN: False)
-    _C.EVAL_PAD_LAST_PIXEL = False  # eval: last row and column of each image count as padding (official C/DAB/DN: True)
+    _C.EVAL_PAD_LAST_PIXEL = False  # eval: last row and column of each image count as padding (official: True)
+    _C.BOX_LOGIT_EPS = 1e-5  # clamp of inverse_sigmoid on boxes/anchors (official KS-DETR and detrex code, DINO: 1e-3)
+    _C.GIOU_EPS = 0.0  # added to GIoU's union and enclosing area, loss and matcher (official and detrex code: 1e-6)
     # backbone weights and input in channels-last memory format: faster convolutions (oneDNN on CPU,
     # cuDNN); only the summation order of the convolutions changes. The MobileNet-V2 backbone
     # (ks_detr/modeling/backbone.py) is channels-last either way, also under detectron2's detectors
@@ -109,6 +111,21 @@ def add_ks_detr_config(cfg):
     # SOLVER.CLIP_GRADIENTS.CLIP_TYPE may also be "full_model": one L2 norm over all parameters.
 
 
+def official_numerics(arch, source="ks-detr"):
+    """``[KEY, VALUE, ...]`` making a model of META_ARCHITECTURE ``arch`` compute what the ``source`` code computes
+    (``tools/convert_checkpoint.py`` prints them): the official KS-DETR code (df0f2f6) clamps box logits at 1e-3
+    and adds 1e-6 in GIoU in every family, masks each image's last row and column in eval, and its
+    Conditional/DAB/DN decoders attend to padded tokens; detrex (e244e6c) shares the first two and the
+    decoders (its eval uses no padding mask: batch 1)."""
+    family = arch.removeprefix("KS")
+    opts = ["MODEL.DETR.BOX_LOGIT_EPS", 1e-3, "MODEL.DETR.GIOU_EPS", 1e-6]
+    if family in ("ConditionalDETR", "DABDETR", "DNDETR"):
+        opts += ["MODEL.DETR.DECODER_PADDING_MASK", False]
+    if source == "ks-detr":
+        opts += ["MODEL.DETR.EVAL_PAD_LAST_PIXEL", True]
+    return opts
+
+
 def _fail(key, value, why):
     raise ConfigError(f"Invalid config {key}={value!r}: {why}")
 
@@ -134,6 +151,10 @@ def check_ks_detr_config(cfg):
         _fail("MODEL.DETR.DROPOUT", d.DROPOUT, "must be in [0, 1)")
     if d.ACTIVATION not in ACTIVATIONS:
         _fail("MODEL.DETR.ACTIVATION", d.ACTIVATION, f"choose one of {ACTIVATIONS}")
+    if not 0.0 < d.BOX_LOGIT_EPS < 0.5:
+        _fail("MODEL.DETR.BOX_LOGIT_EPS", d.BOX_LOGIT_EPS, "must be in (0, 0.5)")
+    if d.GIOU_EPS < 0:
+        _fail("MODEL.DETR.GIOU_EPS", d.GIOU_EPS, "must be >= 0")
     if d.NUM_TOPK_TEST < 1:
         _fail("MODEL.DETR.NUM_TOPK_TEST", d.NUM_TOPK_TEST, "must be >= 1")
     if d.DN.GROUPS < 0:
@@ -231,8 +252,11 @@ def check_keys_act(cfg):
     except KeyError:
         return  # build_model names it
     changed = _changed(cfg)
-    if cfg.MODEL.LOAD_PROPOSALS:
-        _fail("MODEL.LOAD_PROPOSALS", True, "the ks-detr data loader does not load precomputed proposals")
+    for key, value in changed.items():
+        if key == "MODEL.LOAD_PROPOSALS" or key.startswith(("DATASETS.PROPOSAL_FILES_", "DATASETS.PRECOMPUTED_")):
+            _fail(key, value, "the ks-detr data loader does not load precomputed proposals")
+        if key.startswith("TEST.AUG."):
+            _fail(key, value, "test-time augmentation is not supported")
     if cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE != _DEFAULTS["MODEL.RESNETS.DEFORM_ON_PER_STAGE"] and not _has_d2_ops():
         _fail("MODEL.RESNETS.DEFORM_ON_PER_STAGE", cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE,
               "deformable convolutions need detectron2's compiled ops (detectron2._C), which this install lacks")

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ks_detr import load_config  # noqa: E402
+from ks_detr.config import official_numerics  # noqa: E402
 from ks_detr.checkpoint import is_teacher_only  # noqa: E402
 from ks_detr.errors import CheckpointError, report_user_errors  # noqa: E402
 
@@ -338,10 +339,9 @@ def convert(sd, cfg, expected, source="auto"):
         raise ConversionError(" | ".join(errors))
     for what, n in sorted(counts.items()):
         log.info("%s: %d", what, n)
-    if source in ("ks-detr", "detrex") and family not in DEFORMABLE:
-        log.info("to reproduce the %s code's outputs (its decoder attends to padded tokens, its eval masks each "
-                 "image's last row and column), evaluate with MODEL.DETR.DECODER_PADDING_MASK False "
-                 "MODEL.DETR.EVAL_PAD_LAST_PIXEL True", source)
+    if source in ("ks-detr", "detrex"):
+        log.info("to compute exactly what the %s code computes (README, \"Fidelity\"), add: %s", source,
+                 " ".join(map(str, official_numerics(family, source))))
     return {n: out[n] for n in expected}
 
 

@@ -2,9 +2,10 @@
 import torch
 from detectron2.utils import comm
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from .layers import upcast
+from .matcher import giou
 
 
 class SetCriterion(nn.Module):
@@ -17,8 +18,9 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(self, matcher, class_weight=2.0, bbox_weight=5.0, giou_weight=2.0,
-                 alpha=0.25, gamma=2.0):
+                 alpha=0.25, gamma=2.0, giou_eps=0.0):
         super().__init__()
+        self.giou_eps = giou_eps
         self.matcher = matcher
         self.weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
         self.alpha, self.gamma = alpha, gamma
@@ -44,8 +46,8 @@ class SetCriterion(nn.Module):
         src = pred_boxes[batch_idx, query_idx]
         tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
         loss_bbox = (src - tgt).abs().sum()
-        giou = generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
-        loss_giou = (1 - torch.diag(giou)).sum()
+        pairwise = giou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), self.giou_eps)
+        loss_giou = (1 - torch.diag(pairwise)).sum()
         return {
             "loss_class": loss_class / num_boxes,
             "loss_bbox": loss_bbox / num_boxes,

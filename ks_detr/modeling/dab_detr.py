@@ -25,7 +25,8 @@ class DABDETR(DETRBase):
 
     def build_decoder(self, cfg):
         d = cfg.MODEL.DETR
-        return DABDecoder(d.DEC_LAYERS, d.HIDDEN_DIM, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT, d.ACTIVATION)
+        return DABDecoder(d.DEC_LAYERS, d.HIDDEN_DIM, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT, d.ACTIVATION,
+                          logit_eps=d.BOX_LOGIT_EPS)
 
     def reset_parameters(self):
         """As the official KS-DAB-DETR config: anchor centres uniform in [0, 1] (stored unsigmoided)."""
@@ -45,7 +46,7 @@ class DABDETR(DETRBase):
         tgt, anchors, attn_mask, dn = self.queries(targets, memory.shape[0], streams)
         pos = repeat_streams(pos, streams)
         hs, refs = self.decoder(tgt, memory, memory_mask, pos, anchors, self.bbox_embed, attn_mask)
-        boxes = (self.bbox_embed(hs) + inverse_sigmoid(refs)).sigmoid()
+        boxes = (self.bbox_embed(hs) + inverse_sigmoid(refs, self.box_logit_eps)).sigmoid()
         return hs, boxes, {"dn": dn} if dn else {}
 
 

@@ -28,10 +28,10 @@ class DeformableDETR(DETRBase):
         d = cfg.MODEL.DETR
         C, levels = d.HIDDEN_DIM, d.NUM_FEATURE_LEVELS
         level_embed = nn.Parameter(torch.empty(levels, C))
-        proj = [nn.Sequential(nn.Conv2d(s.channels, C, 1), nn.GroupNorm(32, C)) for s in shapes]
+        proj = [nn.Sequential(nn.Conv2d(s.channels, C, 1), nn.GroupNorm(min(32, C), C)) for s in shapes]
         in_ch = shapes[-1].channels
         for _ in range(levels - len(shapes)):
-            proj.append(nn.Sequential(nn.Conv2d(in_ch, C, 3, stride=2, padding=1), nn.GroupNorm(32, C)))
+            proj.append(nn.Sequential(nn.Conv2d(in_ch, C, 3, stride=2, padding=1), nn.GroupNorm(min(32, C), C)))
             in_ch = C
         return {"level_embed": level_embed, "input_proj": nn.ModuleList(proj)}
 

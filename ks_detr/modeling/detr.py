@@ -60,6 +60,7 @@ class DETRBase(nn.Module):
         self.pos_offset = d.POS_OFFSET
         self.decoder_padding_mask = d.DECODER_PADDING_MASK
         self.eval_pad_last_pixel = d.EVAL_PAD_LAST_PIXEL
+        self.box_logit_eps = d.BOX_LOGIT_EPS
 
         self.backbone = build_backbone(cfg)
         self.channels_last = d.CHANNELS_LAST
@@ -93,9 +94,9 @@ class DETRBase(nn.Module):
 
         self.add_named(self.ks.build_modules() if self.ks else {})  # after reset_parameters: default sMLP init
 
-        matcher = HungarianMatcher(d.COST_CLASS, d.COST_BBOX, d.COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
+        matcher = HungarianMatcher(d.COST_CLASS, d.COST_BBOX, d.COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA, d.GIOU_EPS)
         self.criterion = SetCriterion(matcher, d.CLASS_WEIGHT, d.BBOX_WEIGHT,
-                                      d.GIOU_WEIGHT, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
+                                      d.GIOU_WEIGHT, d.FOCAL_ALPHA, d.FOCAL_GAMMA, d.GIOU_EPS)
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
 
@@ -181,7 +182,8 @@ class DETRBase(nn.Module):
 
         hs: (L, B', Q, C); reference: (B', Q, 2) in [0, 1] -> (L, B', Q, 4) sigmoid cxcywh."""
         delta = upcast(self.bbox_embed(hs))
-        return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
+        centre = delta[..., :2] + inverse_sigmoid(reference, self.box_logit_eps)
+        return torch.cat([centre, delta[..., 2:]], -1).sigmoid()
 
     def reset_parameters(self):
         """Official DETR-family init: xavier on transformer matrices, focal prior on the class

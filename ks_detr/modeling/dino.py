@@ -16,7 +16,6 @@ class DINO(DNDeformableDETR):
     """DINO; with ``MODEL.KS.ENABLED`` it trains as KS-DINO. Needs ``MODEL.DETR.TWO_STAGE`` (its
     anchors are the selected encoder proposals)."""
 
-    LOGIT_EPS = 1e-3  # detrex's inverse_sigmoid
 
     def build_queries(self, cfg):
         """Contrastive denoising queries (K-row label embedding, C wide), learned content queries
@@ -25,7 +24,7 @@ class DINO(DNDeformableDETR):
         if not d.TWO_STAGE:
             raise ConfigError("Invalid config MODEL.DETR.TWO_STAGE=False: DINO's anchors are the top-k encoder "
                               "proposals (mixed query selection); set it True")
-        return {"dn": DenoisingQueries(cfg, contrastive=True, logit_eps=self.LOGIT_EPS),
+        return {"dn": DenoisingQueries(cfg, contrastive=True, logit_eps=d.BOX_LOGIT_EPS),
                 "tgt_embed": nn.Embedding(d.NUM_QUERIES, d.HIDDEN_DIM),
                 "query_selection": QuerySelection(d.HIDDEN_DIM, d.NUM_CLASSES, d.NUM_QUERIES)}
 
@@ -33,7 +32,7 @@ class DINO(DNDeformableDETR):
         d = cfg.MODEL.DETR
         return DNDeformableDecoder(d.DEC_LAYERS, d.HIDDEN_DIM, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT,
                                    d.ACTIVATION, d.NUM_FEATURE_LEVELS, d.DEFORMABLE_POINTS, dino=True,
-                                   logit_eps=self.LOGIT_EPS)
+                                   logit_eps=d.BOX_LOGIT_EPS)
 
     def reset_queries(self):
         """As detrex: xavier content queries and proposal projection; zero last box layers (no -2 size

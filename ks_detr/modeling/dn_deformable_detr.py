@@ -20,14 +20,13 @@ class DNDeformableDETR(DeformableDETR):
     the teachers select their own or decode the student's (``MODEL.KS.TEACHER_PROPOSALS``)."""
 
     SUPPORTS_TWO_STAGE = True
-    LOGIT_EPS = 1e-5  # clamp of the box logits (anchors, refinement, predictions)
 
     def build_queries(self, cfg):
         """Denoising queries, learned content queries (C - 1 wide: + indicator 0) and either learned
         anchors (``refpoint_embed``) or, with ``MODEL.DETR.TWO_STAGE``, the query selection."""
         d = cfg.MODEL.DETR
         C = d.HIDDEN_DIM
-        queries = {"dn": DenoisingQueries(cfg, logit_eps=self.LOGIT_EPS), "tgt_embed": nn.Embedding(d.NUM_QUERIES, C - 1)}
+        queries = {"dn": DenoisingQueries(cfg, logit_eps=d.BOX_LOGIT_EPS), "tgt_embed": nn.Embedding(d.NUM_QUERIES, C - 1)}
         if d.TWO_STAGE:
             queries["query_selection"] = QuerySelection(C, d.NUM_CLASSES, d.NUM_QUERIES)
         else:
@@ -37,7 +36,7 @@ class DNDeformableDETR(DeformableDETR):
     def build_decoder(self, cfg):
         d = cfg.MODEL.DETR
         return DNDeformableDecoder(d.DEC_LAYERS, d.HIDDEN_DIM, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT,
-                                   d.ACTIVATION, d.NUM_FEATURE_LEVELS, d.DEFORMABLE_POINTS, logit_eps=self.LOGIT_EPS)
+                                   d.ACTIVATION, d.NUM_FEATURE_LEVELS, d.DEFORMABLE_POINTS, logit_eps=d.BOX_LOGIT_EPS)
 
     def build_heads(self, cfg):
         """One classification and one box head per decoder layer (box refinement)."""
@@ -81,7 +80,7 @@ class DNDeformableDETR(DeformableDETR):
         if dn:
             extras["dn"] = dn
         hs, refs = self.decoder(tgt, anchors, memory, memory_mask, ctx, self.bbox_embed, attn_mask)
-        boxes = torch.stack([(head(h) + inverse_sigmoid(r, self.LOGIT_EPS)).sigmoid()
+        boxes = torch.stack([(head(h) + inverse_sigmoid(r, self.box_logit_eps)).sigmoid()
                              for head, h, r in zip(self.bbox_embed, hs, refs)])
         return hs, boxes, extras
 

@@ -2,15 +2,29 @@
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import box_area, box_convert, generalized_box_iou
+
+
+def giou(boxes1, boxes2, eps=0.0):
+    """Pairwise GIoU of xyxy boxes (N, 4) x (M, 4) -> (N, M). ``eps`` = 0 is torchvision's; otherwise ``eps``
+    is added to the union and to the enclosing area (the official KS-DETR / detrex code: 1e-6)."""
+    if eps == 0:
+        return generalized_box_iou(boxes1, boxes2)
+    lo, hi = torch.max(boxes1[:, None, :2], boxes2[:, :2]), torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    union = box_area(boxes1)[:, None] + box_area(boxes2) - inter
+    lo, hi = torch.min(boxes1[:, None, :2], boxes2[:, :2]), torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
+    enclosing = (hi - lo).clamp(min=0).prod(-1)
+    return inter / (union + eps) - (enclosing - union) / (enclosing + eps)
 
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment minimising
     ``cost_class * focal_cost + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU)``."""
 
-    def __init__(self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2.0):
+    def __init__(self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2.0, giou_eps=0.0):
         super().__init__()
+        self.giou_eps = giou_eps
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = alpha, gamma
 
@@ -44,9 +58,7 @@ class HungarianMatcher(nn.Module):
             self.cost_class * (pos - neg)
             + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
             - self.cost_giou
-            * generalized_box_iou(
-                box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
-            )
+            * giou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"), self.giou_eps)
         )
         cost = cost.view(O, B, Q, -1).cpu()
         out = []

@@ -85,16 +85,28 @@ class ConditionalDecoder(LayerStack):
             scale = 1.0 if i == 0 else self.query_scale(tgt)
             tgt = self.run(layer, tgt, memory, memory_mask, pos, query_pos, sine * scale)
             hs.append(self.norm(tgt))
-        return torch.stack(hs), reference
+        return self.stack(hs), reference
+
+    def stack(self, hs):
+        """(L, B, Q, C) from the layers' outputs; with one layer ``query_scale`` (layers 1.. only) is kept
+        in the graph by a zero (DDP needs a gradient for every parameter)."""
+        if len(self.layers) == 1:
+            hs = [hs[0] + 0.0 * sum(p.sum() for p in self.query_scale.parameters())]
+        return torch.stack(hs)
 
 
 class DABDecoder(ConditionalDecoder):
     """Each layer: sine(anchor) -> query position (``ref_point_head``); the spatial query is the
     (x, y) sine scaled by ``query_scale(content)`` and modulated by a predicted w/h over the anchor
-    w/h (``ref_anchor_head``); after the layer the shared box head refines the anchor (detached)."""
+    w/h (``ref_anchor_head``); after the layer the shared box head refines the anchor.
 
-    def __init__(self, num_layers, d_model, nhead, dim_feedforward, dropout, activation):
+    Anchor rule (DAB-DETR, DN-DETR, official KS-DETR, detrex): layer i's boxes are predicted from the
+    *undetached* refinement of layer i-1, so its box loss also trains layer i-1 and the box head through it;
+    only the anchor fed to layer i as input is detached."""
+
+    def __init__(self, num_layers, d_model, nhead, dim_feedforward, dropout, activation, logit_eps=1e-5):
         super().__init__(num_layers, d_model, nhead, dim_feedforward, dropout, activation)
+        self.logit_eps = logit_eps  # clamp of inverse_sigmoid (MODEL.DETR.BOX_LOGIT_EPS)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)  # from sine(x, y, w, h)
         self.ref_anchor_head = MLP(d_model, d_model, 2, 2)
 
@@ -104,13 +116,13 @@ class DABDecoder(ConditionalDecoder):
             tgt: (B, Q, C) content queries; anchors: (B, Q, 4) unsigmoided cxcywh anchor boxes.
             memory, pos: (B, N, C); memory_mask: (B, N); bbox_embed: the model's box head (shared).
         Returns:
-            hs (L, B, Q, C) after the final norm and each layer's input anchors (L, B, Q, 4) in [0, 1].
+            hs (L, B, Q, C) after the final norm and the anchors each layer's boxes refine (L, B, Q, 4) in
+            [0, 1]: the initial anchors, then layer i-1's refinement (undetached) for layer i.
         """
         C = tgt.shape[-1]
         ref = anchors.sigmoid()
-        hs, refs = [], []
+        hs, refs = [], [ref]
         for i, layer in enumerate(self.layers):
-            refs.append(ref)
             sine = sine_embed_points(ref, C // 2)  # (B, Q, 2C): y, x, w, h
             query_pos = self.ref_point_head(sine)
             scale = 1.0 if i == 0 else self.query_scale(tgt)
@@ -121,5 +133,7 @@ class DABDecoder(ConditionalDecoder):
             tgt = self.run(layer, tgt, memory, memory_mask, pos, query_pos, sine, self_attn_mask)
             hs.append(self.norm(tgt))
             if i < len(self.layers) - 1:
-                ref = (bbox_embed(tgt) + inverse_sigmoid(ref)).sigmoid().detach()
-        return torch.stack(hs), torch.stack(refs)
+                refined = (bbox_embed(tgt) + inverse_sigmoid(ref, self.logit_eps)).sigmoid()
+                refs.append(refined)
+                ref = refined.detach()
+        return self.stack(hs), torch.stack(refs)
