@@ -108,7 +108,8 @@ def add_ks_detr_config(cfg):
     cfg.SOLVER.AMP.DTYPE = ""  # with SOLVER.AMP.ENABLED: bfloat16 | float16 ("" = bfloat16 on CPU, float16 on CUDA)
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW | SGD
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # lr factor of parameters under "backbone."
-    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE may also be "full_model": one L2 norm over all parameters.
+    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE may also be "full_model": one norm (NORM_TYPE) over all parameters together.
+    # SOLVER.BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS apply to parameters named "bias" (ks_detr/solver.py).
 
 
 def official_numerics(arch, source="ks-detr"):
