@@ -15,9 +15,11 @@ import sys
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron2.solver import build_lr_scheduler
 from detectron2.utils.events import EventStorage
 
 from conftest import REPO, make_cfg
+from ks_detr.solver import build_optimizer
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import official_fixtures as fx  # noqa: E402
@@ -30,7 +32,7 @@ FLOOR = 1e-9
 
 def tolerance(case):
     """(gradient: largest |ours - official| over the tensor's largest |official|, outputs and losses: absolute)."""
-    return (2e-5, 2e-6) if case in DEFORMABLE_CASES else (1e-6, 1e-9)
+    return (2e-6, 1e-6) if case in DEFORMABLE_CASES else (2e-7, 1e-12)  # measured: 3.3e-7, 2.6e-7; 5.3e-8, 2e-15
 
 
 def load_fixture(case):
@@ -159,3 +161,54 @@ def test_the_fixtures_reject_boxes_predicted_from_detached_anchors(case):
     assert all(abs(losses[n].item() - fixture["losses"][t].item()) <= 1e-9 for n, t in names.items())
     errors, _ = relative_errors(model, converted_grads(fixture, cfg))
     assert errors["bbox_embed.layers.0.weight"] > 0.01 and errors["decoder.layers.0.linear2.weight"] > 0.01
+
+
+@pytest.mark.parametrize("case", [c if c in ("ks_dab", "ks_dn_deformable") else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in fx.STEPS_CASES])  # the headline family and the quickstart's by default
+def test_twenty_optimizer_steps_follow_the_official_trajectory(case):
+    """``fx.STEPS`` steps of our recipe (``ks_detr.solver.build_optimizer``: AdamW, backbone lr x 0.1, full-model
+    clipping at 0.1; detectron2's lr scheduler) against the official recipe's, on the same alternating batches.
+
+    Measured drift (CPU, float64): the per-step summed losses agree to 2e-14 (deformable: 6e-8), and every
+    parameter with a well-defined gradient moved the same distance to 6e-8 of how far it moved (the float32
+    storage of the fixture; deformable: 1.8e-5, from their float32 valid ratios). Parameters
+    whose gradient is zero in exact arithmetic (key biases before a softmax, biases before a GroupNorm) are left
+    out: AdamW divides their rounding noise (~1e-16) by its own magnitude and moves them by up to the lr per step,
+    differently in each codebase, without changing any output."""
+    fixture = load_fixture(case)
+    model, cfg = ours(case, fixture)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    prepare_targets = model.prepare_targets
+    model.prepare_targets = lambda *a: fx.as_double(prepare_targets(*a))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    losses = []
+    try:
+        model.train()
+        with EventStorage():
+            for step in range(fx.STEPS):
+                loss = sum(model(fx.to_inputs(fx.batch(True, step % 2))).values())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+    finally:
+        torch.set_default_dtype(default)
+    loss_tol, move_tol = (1e-6, 2e-4) if case in DEFORMABLE_CASES else (1e-12, 5e-7)
+    assert torch.allclose(torch.tensor(losses, dtype=torch.float64), fixture["step_losses"], rtol=0, atol=loss_tol)
+
+    grads = converted_grads(fixture, cfg)  # the first step's: which parameters have a well-defined gradient
+    floor = FLOOR * max(g.abs().max().item() for g in grads.values())
+    moved = convert(dict(fixture["state_dict"], **fixture["steps_moved"]), cfg, expected_state(cfg))
+    compared = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad or grads[name].abs().max().item() <= 1e3 * floor:
+            continue
+        ours_moved, theirs = p.detach() - start[name], moved[name].double()
+        drift = (ours_moved - theirs).abs().max().item() / theirs.abs().max().item()
+        assert drift <= move_tol, (name, drift)
+        compared += 1
+    assert compared > 0.8 * sum(p.requires_grad for p in model.parameters())

@@ -68,7 +68,8 @@ for _mode, _name in (("share_v", "share_v"), ("share_a", "share_a")):  # the off
 # no two-stage case: the official KS DN-Deformable code asserts `query_embed should be None in two-stage`
 CASES["dino"] = ("detrex", "projects/dino/configs/dino-resnet/dino_r50_4scale_12ep.py",
                  "configs/dino_r50_4scale_12ep.yaml", (), {})
-STEPS_CASES = ("ks_conditional", "ks_dab")
+STEPS_CASES = ("ks_conditional", "ks_dab", "ks_dn", "ks_deformable", "ks_dn_deformable")  # with a trajectory
+STEPS = 20
 
 
 def narrow_resnet(out_features, freeze_at=1):
@@ -104,10 +105,11 @@ def official_numerics(case):
     return switches(cfg.MODEL.META_ARCHITECTURE, "ks-detr" if codebase == "official" else "detrex")
 
 
-def batch(double=True):
-    """The fixed batch: (images (3, h, w) in [0, 255], gt boxes xyxy (M, 4), labels (M,)) per image."""
+def batch(double=True, seed=0):
+    """The fixed batch: (images (3, h, w) in [0, 255], gt boxes xyxy (M, 4), labels (M,)) per image; the
+    trajectory alternates seed 0 and 1 (other pixels, the same boxes)."""
     import torch
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     dtype = torch.float64 if double else torch.float32
     return [(torch.rand(3, h, w, generator=g, dtype=torch.float64).mul(255).to(dtype),
              torch.tensor(b, dtype=dtype).reshape(-1, 4), torch.tensor(l, dtype=torch.int64))
@@ -280,6 +282,49 @@ def run_official(case, double=True):
             "losses": {k: v.detach().clone() for k, v in losses.items()}, **seen}
 
 
+def official_trajectory(case, state, double=True):
+    """``STEPS`` steps of the official recipe from ``state``: the case's LazyConfig optimizer (detrex AdamW,
+    backbone lr x 0.1, no weight decay on norms), its lr schedule and detrex's gradient clipping (L2 norm of
+    all gradients to ``train.clip_grad.params.max_norm``), on batches alternating seed 0 and 1.
+    Returns the losses summed per step and how far each weight moved (after - before, in float64, stored in
+    float32)."""
+    import torch
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.solver import LRMultiplier
+    from detectron2.utils.events import EventStorage
+    codebase, spec, _, _, overrides = CASES[case]
+    cfg = LazyConfig.load(spec)
+    model = official_model(spec, overrides)
+    if double:
+        torch.set_default_dtype(torch.float64)
+        model.double()
+        for module in model.modules():
+            if "PositionEmbedding" in type(module).__name__:
+                module.register_forward_hook(lambda mod, args, out: out.double())
+    model.load_state_dict(state)
+    prepare_targets = model.prepare_targets
+    model.prepare_targets = lambda *a, **k: as_double(prepare_targets(*a, **k))
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    scheduler = LRMultiplier(optimizer, multiplier=instantiate(cfg.lr_multiplier), max_iter=cfg.train.max_iter)
+    clip = dict(cfg.train.clip_grad.params) if cfg.train.clip_grad.enabled else None
+    model.train()
+    losses = []
+    with EventStorage():
+        for step in range(STEPS):
+            loss = sum(model(to_inputs(batch(double, step % 2))).values())
+            optimizer.zero_grad()
+            loss.backward()
+            if clip:
+                params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, **clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+    moved = {k: single(v - state[k].to(v.dtype)) for k, v in model.state_dict().items() if v.is_floating_point()}
+    return {"step_losses": torch.tensor(losses, dtype=torch.float64), "steps_moved": moved}
+
+
 def worker(case, out, double):
     sys.path.insert(0, os.getcwd())  # the checkout's `detrex` and `projects` packages
     import torch
@@ -290,7 +335,11 @@ def worker(case, out, double):
     import types
     sys.modules["detrex._C"] = types.ModuleType("detrex._C")  # its CUDA ops; the CPU path is pure PyTorch
     sys.modules.setdefault("wandb", types.ModuleType("wandb"))  # detrex's event writers import it
-    torch.save(run_official(case, double), out)
+    fixture = run_official(case, double)
+    if case in STEPS_CASES:
+        torch.set_default_dtype(torch.float32)
+        fixture.update(official_trajectory(case, fixture["state_dict"], double))
+    torch.save(fixture, out)
 
 
 def main(argv=None):
