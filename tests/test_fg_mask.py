@@ -76,7 +76,7 @@ def test_multi_level_concatenation_and_area_sampling():
     canvas = box_canvas([torch.tensor([[5.0, 5.0, 7.0, 7.0]])], [(32, 32)], (32, 32))
     shapes = [(8, 8), (4, 4)]
     valid = [torch.ones(1, 8, 8, dtype=torch.bool), torch.ones(1, 4, 4, dtype=torch.bool)]
-    fg = fg_token_mask(canvas, shapes, valid, sampling="area")
+    fg = fg_token_mask(canvas, shapes, valid, sampling="area", strides=[4, 8])
     assert fg.shape == (1, 64 + 16)
     # pixels 5..6 fall in 4-pixel cell 1 (level 0) and 8-pixel cell 0 (level 1)
     lvl0, lvl1 = fg[0, :64].view(8, 8), fg[0, 64:].view(4, 4)
@@ -84,3 +84,34 @@ def test_multi_level_concatenation_and_area_sampling():
     assert lvl1.nonzero().tolist() == [[0, 0]]
     # bilinear point sampling misses this small box on the coarse grid (documented behaviour)
     assert not fg_token_mask(canvas, [(4, 4)], [valid[1]], sampling="bilinear").any()
+
+
+def area_reference(boxes, h, w, stride):
+    """Token (i, j) is fg iff a box's pixel rows [y1, y2) and columns [x1, x2) (truncated) meet its stride
+    cell [i * stride, (i + 1) * stride) x [j * stride, (j + 1) * stride): a loop over cells and boxes."""
+    fg = torch.zeros(h, w, dtype=torch.bool)
+    for x1, y1, x2, y2 in boxes.to(torch.int64).tolist():
+        for i in range(h):
+            for j in range(w):
+                rows = max(y1, i * stride) < min(y2, (i + 1) * stride)
+                cols = max(x1, j * stride) < min(x2, (j + 1) * stride)
+                fg[i, j] |= rows and cols
+    return fg
+
+
+def test_area_sampling_uses_the_stride_cells_when_the_size_is_not_a_multiple_of_the_stride():
+    """100 x 100 input, stride 32: tokens are ceil(100 / 32) = 4 per axis; the box [76, 95] lies in stride cell
+    2 (pixels 64..95), not in the last quarter of the padded batch (75..99) that a plain resize would use."""
+    box = torch.tensor([[76.0, 76.0, 95.0, 95.0]])
+    canvas = box_canvas([box], [(100, 100)], (100, 100))
+    fg = fg_token_mask(canvas, [(4, 4)], [torch.ones(1, 4, 4, dtype=torch.bool)], "area", strides=[32])
+    assert fg[0].view(4, 4).nonzero().tolist() == [[2, 2]]
+    g = torch.Generator().manual_seed(3)
+    for H, W, s in ((100, 100, 32), (75, 130, 16), (37, 61, 8)):
+        h, w = -(-H // s), -(-W // s)
+        xy = torch.rand(5, 2, generator=g) * torch.tensor([W - 4.0, H - 4.0])
+        boxes = torch.cat([xy, xy + 1 + torch.rand(5, 2, generator=g) * 20], 1)
+        canvas = box_canvas([boxes], [(H, W)], (H, W))
+        fg = fg_token_mask(canvas, [(h, w)], [torch.ones(1, h, w, dtype=torch.bool)], "area", strides=[s])
+        clipped = torch.minimum(boxes, torch.tensor([W, H, W, H], dtype=boxes.dtype))
+        assert torch.equal(fg[0].view(h, w), area_reference(clipped, h, w, s)), (H, W, s)

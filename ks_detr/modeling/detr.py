@@ -75,6 +75,8 @@ class DETRBase(nn.Module):
                 f"{sorted(shapes)} (set MODEL.RESNETS.OUT_FEATURES)"
             )
         self.add_named(self.build_input_proj(cfg, [shapes[f] for f in self.in_features]))
+        strides = [shapes[f].stride for f in self.in_features]  # input pixels per token, per level in token order
+        self.token_strides = strides + [strides[-1] * 2 ** (i + 1) for i in range(d.NUM_FEATURE_LEVELS - len(strides))]
 
         self.ks = KnowledgeSharing(cfg) if ks.ENABLED or self.FORCES_KS else None
         ks_layers = self.ks.encoder_layers if self.ks else frozenset()
@@ -240,7 +242,8 @@ class DETRBase(nn.Module):
         ks = None
         if self.ks is not None:
             gt = [x["instances"].gt_boxes.tensor.to(self.device) for x in batched_inputs]
-            ks = self.ks.batch(gt, images.image_sizes, images.tensor.shape[-2:], token_shapes, valid_masks)
+            ks = self.ks.batch(gt, images.image_sizes, images.tensor.shape[-2:], token_shapes, valid_masks,
+                               self.token_strides)
         memory = self.encoder(src, pos, key_mask, ks, ctx)
         S = ks.num_streams if ks else 1
         targets = self.prepare_targets(batched_inputs)

@@ -35,7 +35,7 @@ def box_canvas(boxes_per_image, image_sizes, padded_size, pad_pixels=0):
     return (diff.cumsum(1).cumsum(2)[:, :H, :W] > 0).to(torch.float32)
 
 
-def fg_token_mask(canvas, token_shapes, valid_masks, sampling="bilinear"):
+def fg_token_mask(canvas, token_shapes, valid_masks, sampling="bilinear", strides=None):
     """Resize the box canvas to every token grid and flag foreground tokens.
 
     Args:
@@ -43,15 +43,20 @@ def fg_token_mask(canvas, token_shapes, valid_masks, sampling="bilinear"):
         token_shapes: list of (h, w) token grids (one per feature level, in token order).
         valid_masks: list of (B, h, w) bool, True = real (non-padding) token.
         sampling: "bilinear" (official: align_corners=True, fg iff the sample is > 0) or
-            "area" (fg iff the token's cell overlaps a box; never misses a small box).
+            "area" (fg iff the token's stride cell, pixels [i*s, (i+1)*s) per axis, overlaps a box; never
+            misses a small box).
+        strides: the stride s of every token grid (needed by "area").
     Returns:
         (B, sum(h*w)) bool, True = foreground token.
     """
     out = []
-    for (h, w), valid in zip(token_shapes, valid_masks):
+    H, W = canvas.shape[-2:]
+    for level, ((h, w), valid) in enumerate(zip(token_shapes, valid_masks)):
         if sampling == "bilinear":
             r = F.interpolate(canvas[:, None], size=(h, w), mode="bilinear", align_corners=True)
         else:
-            r = F.interpolate(canvas[:, None], size=(h, w), mode="area")
+            s = strides[level]  # the padded batch covers h * s pixels or a little less (h = ceil(H / s))
+            cells = F.pad(canvas, (0, max(w * s - W, 0), 0, max(h * s - H, 0)))[:, : h * s, : w * s]
+            r = F.max_pool2d(cells[:, None], kernel_size=s, stride=s)
         out.append(((r[:, 0] > 0) & valid).flatten(1))
     return torch.cat(out, dim=1)

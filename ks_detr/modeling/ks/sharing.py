@@ -77,16 +77,16 @@ class KnowledgeSharing:
         self.smlp = SMLP(self.hidden_dim)
         return {"ks_smlp": self.smlp}
 
-    def batch(self, gt_boxes, image_sizes, padded_size, token_shapes, valid_masks):
+    def batch(self, gt_boxes, image_sizes, padded_size, token_shapes, valid_masks, strides):
         """The :class:`KSBatch` of one training batch.
 
         Args:
             gt_boxes: B tensors (M_i, 4) absolute xyxy input pixels; image_sizes: B (h, w) unpadded;
             padded_size: (H_pad, W_pad); token_shapes: [(h_l, w_l)] per level in token order;
-            valid_masks: [(B, h_l, w_l)] bool, True = real token.
+            valid_masks: [(B, h_l, w_l)] bool, True = real token; strides: [s_l] input pixels per token.
         """
         canvas = box_canvas(gt_boxes, image_sizes, padded_size, self.pad_pixels)
-        fg = fg_token_mask(canvas, token_shapes, valid_masks, self.sampling)
+        fg = fg_token_mask(canvas, token_shapes, valid_masks, self.sampling, strides)
         if self._record is not None:
             self._record.update(padded_size=tuple(padded_size), token_shapes=[tuple(s) for s in token_shapes],
                                 fg=fg)
