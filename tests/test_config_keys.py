@@ -27,7 +27,6 @@ optimizer, scheduler, trainer, evaluation and train_net's setup read, and requir
 """
 import contextlib
 import copy
-import json
 import os
 import tempfile
 from argparse import Namespace
@@ -46,7 +45,6 @@ from PIL import Image
 
 from conftest import make_cfg
 from ks_detr import add_ks_detr_config, build_optimizer
-from ks_detr.config import check_ks_detr_config
 from ks_detr.data import DetrDatasetMapper
 from ks_detr.data.sampler import build_resumable_train_loader
 from ks_detr.engine import Trainer, keep_freed_cpu_memory
@@ -173,7 +171,8 @@ WALK = {
                                       w("conditional", "MODEL.MOBILENET_V2.PRETRAINED", False, "refused")],
     "INPUT.CROP.PRE_RESIZE_SIZES": [w("conditional", "INPUT.CROP.PRE_RESIZE_SIZES", [300], "data")],
     "CPU_KEEP_FREED_MEMORY": [w("conditional", "CPU_KEEP_FREED_MEMORY", False, "setup")],
-    "SOLVER.AMP.DTYPE": [w("conditional", "SOLVER.AMP.DTYPE", "float16", "trainer", context=("SOLVER.AMP.ENABLED", True))],
+    "SOLVER.AMP.DTYPE": [w("conditional", "SOLVER.AMP.DTYPE", "float16", "trainer",
+                           context=("SOLVER.AMP.ENABLED", True))],
     "SOLVER.OPTIMIZER": [w("conditional", "SOLVER.OPTIMIZER", "SGD", "optimizer")],
     "SOLVER.BACKBONE_MULTIPLIER": [w("conditional", "SOLVER.BACKBONE_MULTIPLIER", 0.5, "optimizer")],
     # ---- detectron2's keys read by our trainer, mapper, solver, evaluator, model and train_net ----
@@ -714,7 +713,8 @@ def test_bias_and_clipping_keys_as_detectron2():
     cfg = get_cfg()
     add_ks_detr_config(cfg)
     cfg.merge_from_list(["SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", 0.0, "SOLVER.BASE_LR", 1.0,
-                         "SOLVER.WEIGHT_DECAY", 0.1, "SOLVER.WEIGHT_DECAY_NORM", 0.01, "SOLVER.BACKBONE_MULTIPLIER", 0.5,
+                         "SOLVER.WEIGHT_DECAY", 0.1, "SOLVER.WEIGHT_DECAY_NORM", 0.01,
+                         "SOLVER.BACKBONE_MULTIPLIER", 0.5,
                          "SOLVER.BIAS_LR_FACTOR", 2.0, "SOLVER.WEIGHT_DECAY_BIAS", 0.0,
                          "SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
                          "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 1.0, "SOLVER.CLIP_GRADIENTS.NORM_TYPE", float("inf")])
