@@ -47,7 +47,8 @@ def add_ks_detr_config(cfg):
     _C.FOCAL_ALPHA = 0.25  # focal loss alpha (loss and matcher)
     _C.FOCAL_GAMMA = 2.0  # focal loss gamma (loss and matcher)
     _C.AUX_LOSS = True  # loss on every decoder layer, not only the last
-    # official numerics (ours by default; ks_detr.config.official_numerics gives the official code's values per family):
+    # official numerics: ours by default; ks_detr.config.official_numerics gives the reference code's values per family
+
     _C.DECODER_PADDING_MASK = True  # decoder cross-attention ignores padded memory tokens (official C/DAB/DN: False)
     _C.EVAL_PAD_LAST_PIXEL = False  # eval: last row and column of each image count as padding (official: True)
     _C.BOX_LOGIT_EPS = 1e-5  # clamp of inverse_sigmoid on boxes/anchors (official KS-DETR and detrex code, DINO: 1e-3)
@@ -60,8 +61,9 @@ def add_ks_detr_config(cfg):
     _C.DN = CN()  # denoising queries (DN-DETR, DN-Deformable DETR, DINO)
     _C.DN.GROUPS = 5  # noised copies of every GT box per image (0 = off)
     _C.DN.LABEL_NOISE = 0.2  # probability of flipping a denoising query's label
-    _C.DN.BOX_NOISE = 0.4  # box noise scale (DN: centre by up to scale*wh/2, size by up to scale*wh; DINO: each
-    # corner by up to scale*(w/2 or h/2) for positives, between 1x and 2x that for negatives)
+    # box noise scale (DN: centre by up to scale*wh/2, size by up to scale*wh; DINO: each corner by up to
+    # scale*(w/2 or h/2) for positives, between 1x and 2x that for negatives)
+    _C.DN.BOX_NOISE = 0.4
     # > 0: groups per batch = NUM_QUERIES // (max GT boxes per image), at least 1, instead of GROUPS (DINO's dn_number)
     _C.DN.NUM_QUERIES = 0
 
@@ -80,7 +82,7 @@ def add_ks_detr_config(cfg):
     # the _enc loss)
     _K.TEACHER_PROPOSALS = "own"
     # recompute every decoder layer in the backward instead of keeping its activations (activation
-    # checkpointing of the stacked student + teacher passes): less peak memory for more time (README, "Cost")
+    # checkpointing of the stacked student + teacher passes): less peak memory for more time (docs/benchmarks.md)
     _K.RECOMPUTE_DECODER = False
     # the same for the KS encoder layers, in two pieces (attention; norms and FFN) so that their three
     # streams' activations are never all held at once
@@ -102,7 +104,7 @@ def add_ks_detr_config(cfg):
     cfg.INPUT.CROP.PRE_RESIZE_SIZES = [400, 500, 600]
 
     # CPU training (MODEL.DEVICE "cpu") on glibc: keep freed memory in the heap for reuse instead of returning
-    # it to the kernel (mallopt), so a step does not page-fault in again what the last one freed (README, "Cost")
+    # it to the kernel (mallopt), so a step does not page-fault in again what the last one freed (docs/benchmarks.md)
     cfg.CPU_KEEP_FREED_MEMORY = True
 
     cfg.SOLVER.AMP.DTYPE = ""  # with SOLVER.AMP.ENABLED: bfloat16 | float16 ("" = bfloat16 on CPU, float16 on CUDA)
