@@ -380,9 +380,9 @@ def test_decompression_bomb_is_a_named_bad_record(tmp_path):
     check_coco_json(js, img, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, skip_bad=True)  # restore the default
 
 
-def test_train_net_names_a_decompression_bomb_and_skips_it_on_request(tmp_path):
+def test_train_net_names_a_decompression_bomb(tmp_path):
     """--register-coco with a 14000x14000 PNG (json size matching): exit 2 before training with the named
-    last line; with --skip-bad-records the image is left out (counted) and training starts."""
+    last line, no traceback."""
     data = coco(3, [{"id": 1, "image_id": 0, "category_id": 7, "bbox": [10, 10, 20, 15]},
                     {"id": 2, "image_id": 1, "category_id": 9, "bbox": [5, 5, 30, 30]},
                     {"id": 3, "image_id": 2, "category_id": 7, "bbox": [10, 10, 20, 15]}])
@@ -396,8 +396,4 @@ def test_train_net_names_a_decompression_bomb_and_skips_it_on_request(tmp_path):
         "than INPUT.MAX_IMAGE_PIXELS = 178,956,970 (the guard against decompression bombs); if the image is genuine, "
         "raise INPUT.MAX_IMAGE_PIXELS, or pass --skip-bad-records to leave it out")
     assert "Traceback" not in r.stdout + r.stderr
-    r = run_train_net(tmp_path, js, img, "--skip-bad-records")
-    log = r.stdout + r.stderr
-    assert r.returncode == 0, log[-3000:]
-    assert "--skip-bad-records left out 1 images and 0 bad annotations (plus the 1 annotations" in log
-    assert "14000x14000 = 196,000,000 pixels" in log and "or pass --skip-bad-records" not in log
+    # with --skip-bad-records: left out and counted (test_decompression_bomb_is_a_named_bad_record)
