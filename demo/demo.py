@@ -4,15 +4,15 @@
     python demo/demo.py --config-file configs/ks_conditional_detr_r50.yaml --input a.jpg photos/ 'more/**/*.jpg' \\
         --output out/ [--confidence 0.3] MODEL.WEIGHTS output/model_final.pth
 
-``--input`` takes image files, folders (every image inside, recursively) and glob patterns (quote them;
-``**`` matches any depth). Symbolic links are followed, each real folder and file once: a link to a folder
-above it (a loop) adds nothing, and an image reached by several paths is predicted once. In folders and pattern matches only images count (extensions .jpg .jpeg .png .bmp
-.tif .tiff .webp, any case); a file named directly is always tried. Each PNG mirrors its image's path below
-the deepest folder holding all images: ``a/x.jpg b/x.jpg -> out/a/x.png out/b/x.png``. Where two images would
-still get the same PNG (``x.jpg`` and ``x.png``), they keep their extension: ``x.jpg.png``, ``x.png.png``.
-An input that is missing, matches nothing or cannot be read is reported on stderr and skipped; the exit status
-is then 1 (`--debug` adds tracebacks). If no input names any file at all, nothing is predicted and the exit
-status is 2.
+``--input`` takes image files, folders (every image inside, recursively) and glob patterns (quote them; ``**``
+matches any depth). Symbolic links are followed, each real folder and file once: a link to a folder above it
+(a loop) adds nothing, and an image reached by several paths is predicted once. In folders and pattern matches
+only images count (extensions .jpg .jpeg .png .bmp .tif .tiff .webp, any case); a file named directly is
+always tried. Each PNG mirrors its image's path below the deepest folder holding all images: ``a/x.jpg b/x.jpg
+-> out/a/x.png out/b/x.png``. Where two images would still get the same PNG (``x.jpg`` and ``x.png``), they
+keep their extension: ``x.jpg.png``, ``x.png.png``. An input that is missing, matches nothing or cannot be
+read is reported on stderr and skipped; the exit status is then 1 (`--debug` adds tracebacks). If no input
+names any file at all, nothing is predicted and the exit status is 2.
 A KS config predicts with the student only (exactly the baseline model); no annotations needed.
 """
 import argparse

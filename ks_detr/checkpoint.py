@@ -179,8 +179,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
                            "Set MODEL.WEIGHTS_ALLOW_PARTIAL True to load it anyway")
         if self.require_all and not self.allow_partial and len(loaded) < len(model):
             unfilled = [k for k in model if k not in loaded]
-            shown = [f"{k} (file {list(shapes[k])}, model {list(model[k])})" if k in shapes else f"{k} (not in the file)"
-                     for k in unfilled[:3]]
+            shown = [f"{k} (file {list(shapes[k])}, model {list(model[k])})" if k in shapes
+                     else f"{k} (not in the file)" for k in unfilled[:3]]
             raise _Problem(f"{summary}: the other {len(unfilled)} would keep their random initialisation at inference "
                            f"({'; '.join(shown)}{', ...' if len(unfilled) > 3 else ''}) — a checkpoint of another "
                            "config (classes, width, layers)? Set MODEL.WEIGHTS_ALLOW_PARTIAL True to evaluate anyway")

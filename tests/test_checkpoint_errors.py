@@ -346,7 +346,8 @@ def test_r50_weights_offline_name_the_converter_command(tmp_path):
                        cwd=REPO, capture_output=True, text=True, env=env)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2, r.stderr[-2000:]
-    assert last.startswith("error: detectron2://ImageNetPretrained/torchvision/R-50.pkl: cannot download it (URLError: ")
+    assert last.startswith("error: detectron2://ImageNetPretrained/torchvision/R-50.pkl: cannot download it "
+                           "(URLError: ")
     assert last.endswith(
         "Without network, make the same weights from torchvision's: python tools/convert_torchvision_resnet.py --arch "
         "resnet50 --input resnet50-0676ba61.pth --output weights/R-50.pkl (the --input file is "

@@ -4,12 +4,13 @@
     python tools/export_model.py --config-file configs/quickstart/ks_trees.yaml --format torchscript \\
         --output exported/ [--check a.jpg b.jpg] MODEL.WEIGHTS output/quickstart/ks_trees/model_final.pth
 
-Writes ``model.ts`` (``torch.jit.load``) or ``model.onnx`` (onnxruntime, opset ``--opset``) into ``--output``,
-each with its own metadata file ``model.ts.json`` / ``model.onnx.json`` (so both formats can share a folder).
-``tools/run_exported.py`` runs an exported file on images and draws its boxes as ``demo/demo.py`` does. The exported function takes one image (3, H, W) float32, any H and W, in the config's
-``INPUT.FORMAT`` channel order, 0-255, after the config's test resize (shortest side ``INPUT.MIN_SIZE_TEST``,
-longest at most ``INPUT.MAX_SIZE_TEST``, as detectron2's DefaultPredictor), and returns ``boxes`` (n, 4) xyxy in
-that image's pixels, ``scores`` (n,) and ``classes`` (n,): what the eager model returns for it, best first.
+Writes ``model.ts`` (``torch.jit.load``) or ``model.onnx`` (onnxruntime, opset ``--opset``) into ``--output``, each
+with its own metadata file ``model.ts.json`` / ``model.onnx.json`` (so both formats can share a folder).
+``tools/run_exported.py`` runs an exported file on images and draws its boxes as ``demo/demo.py`` does. The
+exported function takes one image (3, H, W) float32, any H and W, in the config's ``INPUT.FORMAT`` channel order,
+0-255, after the config's test resize (shortest side ``INPUT.MIN_SIZE_TEST``, longest at most
+``INPUT.MAX_SIZE_TEST``, as detectron2's DefaultPredictor), and returns ``boxes`` (n, 4) xyxy in that image's
+pixels, ``scores`` (n,) and ``classes`` (n,): what the eager model returns for it, best first.
 ``--check`` runs eager and exported on the given images and prints one JSON line per image: detections,
 the largest box (pixels) and score differences (same order), and the median CPU latency of each.
 """

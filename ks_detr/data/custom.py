@@ -25,8 +25,9 @@
 Structural problems of the file (not json, no ``categories`` list, a bad category) always stop the
 run. A problem of one record stops it too, with a one-line message naming the file, the record id,
 the field, the value and the fix (the other problems are logged, and the message says where); with
-``--skip-bad-records`` the record is left out and counted instead (the warnings then name no fix). A left-out annotation takes its image with it (otherwise the image would train with an
-object labelled as background). Whenever the check changed anything, the cleaned json is written to
+``--skip-bad-records`` the record is left out and counted instead (the warnings then name no fix). A
+left-out annotation takes its image with it (otherwise the image would train with an object labelled
+as background). Whenever the check changed anything, the cleaned json is written to
 ``OUTPUT_DIR/<name>.checked.json`` and registered in place of the original, so training and
 evaluation see exactly the checked boxes.
 """
