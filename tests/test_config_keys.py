@@ -27,25 +27,25 @@ optimizer, scheduler, trainer, evaluation and train_net's setup read, and requir
 """
 import contextlib
 import copy
+import importlib.util
 import os
 import tempfile
-from argparse import Namespace
 
 import numpy as np
 import pytest
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import default_setup
 from detectron2.evaluation import verify_results
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
-from conftest import make_cfg
+from conftest import REPO, make_cfg
 from ks_detr import add_ks_detr_config, build_optimizer
 from ks_detr.data import DetrDatasetMapper
+from ks_detr.data.images import MAX_PIXELS_ENV
 from ks_detr.data.sampler import build_resumable_train_loader
 from ks_detr.engine import Trainer, keep_freed_cpu_memory
 from ks_detr.errors import ConfigError
@@ -324,6 +324,8 @@ def _flat(node, prefix=""):
 for _key, _value in all_keys().items():
     if _key.startswith(D2_ONLY) and _key not in WALK:
         WALK[_key] = [w("conditional", _key, _alternative(_value), "refused")]
+if "INPUT.MAX_IMAGE_PIXELS" in all_keys():  # ks_detr.data.images.add_image_config: train_net.py sets the limit
+    WALK["INPUT.MAX_IMAGE_PIXELS"] = [w("conditional", "INPUT.MAX_IMAGE_PIXELS", 1000, "setup")]
 
 
 def walked_keys():
@@ -563,13 +565,32 @@ def probe_verify(cfg):
         return f"exit {e.code}"
 
 
+def _train_net():
+    spec = importlib.util.spec_from_file_location("ks_detr_train_net", os.path.join(REPO, "train_net.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def probe_setup(cfg):
-    benchmark = torch.backends.cudnn.benchmark
+    """train_net.py's setup of this config (loggers, seeds, cudnn.benchmark, the pixel limit, glibc's malloc)."""
+    train_net = _train_net()
+    path = os.path.join(WORK, "setup.yaml")  # default_setup logs the file's contents
+    with open(path, "w") as f:
+        f.write(cfg.dump())
+    args = train_net.get_parser().parse_args(["--config-file", path])
+    train_net.load_config = lambda *_: cfg.clone()
+    benchmark, pixels = torch.backends.cudnn.benchmark, os.environ.get(MAX_PIXELS_ENV)
     try:
-        default_setup(cfg, Namespace(config_file="", eval_only=False))
-        return {"cudnn.benchmark": torch.backends.cudnn.benchmark, "mallopt": keep_freed_cpu_memory(cfg)}
+        train_net.setup(args)
+        return {"cudnn.benchmark": torch.backends.cudnn.benchmark, "max_pixels": os.environ.get(MAX_PIXELS_ENV),
+                "mallopt": keep_freed_cpu_memory(cfg)}
     finally:
         torch.backends.cudnn.benchmark = benchmark
+        if pixels is None:
+            os.environ.pop(MAX_PIXELS_ENV, None)
+        else:
+            os.environ[MAX_PIXELS_ENV] = pixels
 
 
 PROBES = {"model": probe_model, "data": probe_data, "optimizer": probe_optimizer, "schedule": probe_schedule,
