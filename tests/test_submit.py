@@ -55,7 +55,16 @@ def test_slurm_parameters_from_the_command_line(tmp_path):
     assert args.opts == ["OUTPUT_DIR", "elsewhere"] and args.resume
 
 
-def test_local_parameters_and_command_line_errors(tmp_path):
+def fake_slurm(folder, monkeypatch):
+    """Stand-in ``srun`` / ``sbatch`` on PATH (they fail if run)."""
+    folder.mkdir()
+    for tool in ("srun", "sbatch"):
+        (folder / tool).write_text("#!/bin/sh\nexit 1\n")
+        (folder / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_local_parameters_and_command_line_errors(tmp_path, monkeypatch):
     opts, _ = submit.parse(["--local", "--gpus-per-node", "2", "--timeout-min", "30", "--job-dir", str(tmp_path),
                             "--", "--config-file", CONFIG, "MODEL.DEVICE", "cpu"])
     assert submit.executor_parameters(opts) == {"tasks_per_node": 2, "gpus_per_node": min(2, torch.cuda.device_count()),
@@ -69,6 +78,7 @@ def test_local_parameters_and_command_line_errors(tmp_path):
     ]:
         with pytest.raises(submit.LauncherError, match=message):
             submit.parse(argv)
+    fake_slurm(tmp_path / "bin", monkeypatch)
     with pytest.raises(submit.LauncherError, match="IMS_PER_BATCH 4 cannot be split over 16 tasks"):
         submit.submit([*SLURM, *job_dir, "--", "--config-file", CONFIG, "SOLVER.IMS_PER_BATCH", "4"])
     if not torch.cuda.is_available():  # a GPU config run locally on a machine without GPUs: told what to add

@@ -220,6 +220,11 @@ class TrainJob:
 def submit(argv):
     """Submit (or start locally) the job of a command line; returns (job, opts, args) without waiting."""
     opts, args = parse(argv)
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None and not opts.local]
+    if missing:
+        raise LauncherError(f"tools/submit.py: {' and '.join(missing)} not found on PATH, so this is not a Slurm "
+                            "submission host; run it where Slurm's commands are (a cluster's login node), or "
+                            "run here with --local")
     import submitit
     from ks_detr import load_config
     from ks_detr.engine import Trainer
@@ -249,11 +254,6 @@ def submit(argv):
             print(f"[tools/submit.py] --local ignores {', '.join(ignored)}")
         executor = submitit.LocalExecutor(folder, max_num_timeout=opts.max_timeouts)
     else:
-        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
-        if missing:
-            raise LauncherError(f"tools/submit.py: {' and '.join(missing)} not found on PATH, so this is not a Slurm "
-                                "submission host; run it where Slurm's commands are (a cluster's login node), or "
-                                "run here with --local")
         executor = submitit.SlurmExecutor(folder, max_num_timeout=opts.max_timeouts)
     executor.update_parameters(**executor_parameters(opts))
     job = executor.submit(TrainJob(args, cfg.MODEL.DEVICE, requeue=not opts.no_requeue))
