@@ -11,6 +11,12 @@ Sources (``--source``, auto-detected when left out; the config gives the family)
   detrex            detrex baselines (IDEA-Research/detrex): Conditional, DAB, DN, Deformable, DN-Deformable DETR, DINO
   conditional-detr  Atten4Vis/ConditionalDETR (torchvision ResNet ``backbone.0.body.*``, 91-row class head)
   dab-detr          IDEA-Research/DAB-DETR (as Conditional DETR, plus a duplicated ``transformer.decoder.bbox_embed``)
+  transformers      Hugging Face transformers' ConditionalDetrForObjectDetection, DabDetrForObjectDetection and
+                    DeformableDetrForObjectDetection (single stage): a ``save_pretrained`` folder (config.json +
+                    model.safetensors or pytorch_model.bin), a .safetensors file or a state dict; timm's or
+                    transformers' ResNet backbone. The model keys that make ours compute what transformers computes
+                    (sizes, position-embedding temperature/offset, backbone shape, pixel statistics, top 100) are
+                    derived from the checkpoint and its config.json, applied, and printed (docs/transformers.md).
 
 Quirks handled (each logged): 91-row class heads (COCO category ids, row = id) -> the 80 contiguous classes of
 detectron2's COCO metadata; heads stored once per decoder layer but shared (detrex Deformable ``class_embed.{0..5}``,
@@ -28,6 +34,7 @@ import logging
 import os
 import pickle
 import re
+import shlex
 import sys
 from collections import Counter, defaultdict
 
@@ -38,10 +45,11 @@ from ks_detr import load_config  # noqa: E402
 from ks_detr.config import official_numerics  # noqa: E402
 from ks_detr.checkpoint import is_teacher_only  # noqa: E402
 from ks_detr.errors import CheckpointError, report_user_errors  # noqa: E402
+from ks_detr import transformers_layout as hf  # noqa: E402
 
 log = logging.getLogger("ks_detr.convert_checkpoint")
 
-SOURCES = ("ks-detr", "detrex", "conditional-detr", "dab-detr")
+SOURCES = ("ks-detr", "detrex", "conditional-detr", "dab-detr", "transformers")
 DEFORMABLE = ("DeformableDETR", "DNDeformableDETR", "DINO")
 # Marker keys (our names; all present) -> family, checked in this order (later families' markers are shared by
 # earlier ones).
@@ -102,7 +110,9 @@ def expected_state(cfg):
 
 
 def detect_layout(sd):
-    """"detrex" (detrex and KS-DETR), "conditional-detr" or "dab-detr": the naming scheme of ``sd``."""
+    """"detrex" (detrex and KS-DETR), "conditional-detr", "dab-detr" or "transformers": the naming scheme of ``sd``."""
+    if hf.looks_like_transformers(sd):
+        return "transformers"
     if any(k.startswith("transformer.") and ".attentions." in k for k in sd):
         return "detrex"
     if any(re.match(r"transformer\.decoder\.layers\.\d+\.sa_qcontent_proj\.", k) for k in sd):
@@ -259,12 +269,13 @@ def remap_rows(name, value, family, K):
     return value
 
 
-def convert(sd, cfg, expected, source="auto"):
+def convert(sd, cfg, expected, source="auto", hf_config=None):
     """Published state dict -> ours.
 
     Args:
         sd: the checkpoint's state dict; cfg: our config (family, C, K, KS layers); expected: {name: shape}
-        of the model ``cfg`` builds; source: one of ``SOURCES`` or "auto".
+        of the model ``cfg`` builds; source: one of ``SOURCES`` or "auto"; hf_config: a transformers
+        checkpoint's config.json (dict), if any.
     Returns:
         our state dict: exactly the keys of ``expected``, with their shapes. Raises ``ConversionError``.
     """
@@ -276,7 +287,15 @@ def convert(sd, cfg, expected, source="auto"):
     per_layer = "class_embed.0.weight" in expected
     counts, unmapped, groups = Counter(), [], defaultdict(list)
 
+    hf_names = {}
+    if layout == "transformers":
+        _, mapped = hf.transformers_names(sd, hf_config)
+        sd = {key: value for value, key in mapped.values()}
+        hf_names = {key: name for name, (_, key) in mapped.items()}
     for key, value in sd.items():
+        if layout == "transformers":
+            groups[hf_names[key]].append((key, value))
+            continue
         if key.endswith("num_batches_tracked") or key.startswith("criterion."):
             counts["num_batches_tracked / criterion buffers"] += 1
             continue
@@ -361,14 +380,57 @@ def main(argv=None):
         run(parser, args)
 
 
+def transformers_keys(sd, config_file, opts, hf_config=None, preprocessor=None):
+    """The ``[KEY, VALUE, ...]`` that make the config compute what transformers computes with ``sd`` (those that
+    differ from ``config_file`` + ``opts``), logged as a command-line tail."""
+    family, names = hf.transformers_names(sd, hf_config)
+    rows = names["class_embed.weight"][0].shape[0]
+    derived = hf.transformers_opts(family, names, hf_config, preprocessor, num_classes=80 if rows == 91 else rows)
+    derived = derived[2:]  # MODEL.META_ARCHITECTURE: the config file's (KS or not), checked by convert()
+    for note in hf.check_transformers_config(hf_config):
+        log.warning("%s", note)
+    base = load_config(config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
+    changed = []
+    for key, value in zip(derived[::2], derived[1::2]):
+        node = base
+        for part in key.split(".")[:-1]:
+            node = node[part]
+        current = node[key.split(".")[-1]]
+        if isinstance(current, tuple):
+            current = list(current)
+        if current != value and not (isinstance(value, float) and isinstance(current, (int, float))
+                                     and float(current) == value):
+            changed += [key, value]
+    user = set(opts[::2])
+    changed = [x for k, v in zip(changed[::2], changed[1::2]) if k not in user for x in (k, v)]
+    if changed:
+        tail = " ".join(f"{k} {shlex.quote(str(v)) if isinstance(v, list) else v}"
+                        for k, v in zip(changed[::2], changed[1::2]))
+        log.info("to compute what transformers computes with these weights, this conversion used (add them to "
+                 "train_net.py / demo.py too): %s", tail)
+    else:
+        log.info("the config already computes what transformers computes with these weights")
+    return changed
+
+
 def run(parser, args):
-    if not os.path.isfile(args.input):
-        parser.error(f"input {args.input!r} is not a file")
+    if not os.path.isfile(args.input) and not hf.is_transformers_folder(args.input):
+        parser.error(f"input {args.input!r} is not a file (nor a transformers save_pretrained folder)")
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         parser.error(f"output {args.output!r} would overwrite the input")
-    cfg = load_config(args.config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *args.opts])
+    hf_config = None
+    if os.path.isdir(args.input) or args.input.endswith(".safetensors") or args.source == "transformers":
+        sd, hf_config, preprocessor = hf.read_transformers(args.input)
+    else:
+        sd, preprocessor = read_checkpoint(args.input, args.trust_pickle), None
+    opts = list(args.opts)
     try:
-        sd = convert(read_checkpoint(args.input, args.trust_pickle), cfg, expected_state(cfg), args.source)
+        if detect_layout(sd) == "transformers":
+            if hf_config is None:
+                hf_config, preprocessor = hf.read_side_files(args.input)
+            opts = transformers_keys(sd, args.config_file, opts, hf_config, preprocessor) + opts
+        cfg = load_config(args.config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
+        sd = convert(sd, cfg, expected_state(cfg), args.source, hf_config)
     except ConversionError as e:
         raise ConversionError(f"{args.input}: {e}") from e
     torch.save({"model": sd}, args.output)

@@ -1,0 +1,382 @@
+"""Hugging Face transformers' DETR layouts <-> ours (``tools/convert_checkpoint.py --source transformers``,
+``tools/export_transformers.py``).
+
+Forms: ``ConditionalDetrForObjectDetection``, ``DabDetrForObjectDetection`` and ``DeformableDetrForObjectDetection``
+(single stage, no box refinement), with transformers' ResNet backbone (``backbone[.conv_encoder].model.embedder.*`` /
+``encoder.stages.*``) or timm's (``backbone.conv_encoder.model.conv1`` / ``layerN.*``, torchvision names). Both the
+names transformers 5 holds in memory (``self_attn.o_proj``, ``mlp.fc1``, ``encoder_attn.q_content_proj``) and the
+ones it writes (``out_proj``, ``fc1``, ``ca_qcontent_proj``, ``backbone.conv_encoder``) are read. Files are read
+with safetensors or ``torch.load(weights_only=True)``, ``config.json`` / ``preprocessor_config.json`` with ``json``.
+"""
+import json
+import os
+import re
+
+import torch
+
+from .errors import CheckpointError
+
+FAMILIES = {"ConditionalDETR": "ConditionalDetrForObjectDetection", "DABDETR": "DabDetrForObjectDetection",
+            "DeformableDETR": "DeformableDetrForObjectDetection"}
+MODEL_TYPES = {"ConditionalDETR": "conditional_detr", "DABDETR": "dab-detr", "DeformableDETR": "deformable_detr"}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Conditional decoder projections: transformers 5 (in memory) -> ours (= the official names, which transformers writes)
+COND_SELF = {"q_content_proj": "sa_qcontent_proj", "q_pos_proj": "sa_qpos_proj", "k_content_proj": "sa_kcontent_proj",
+             "k_pos_proj": "sa_kpos_proj", "v_proj": "sa_v_proj"}
+COND_CROSS = {"q_content_proj": "ca_qcontent_proj", "q_pos_proj": "ca_qpos_proj", "k_content_proj": "ca_kcontent_proj",
+              "k_pos_proj": "ca_kpos_proj", "v_proj": "ca_v_proj", "q_pos_sine_proj": "ca_qpos_sine_proj"}
+DAB_PROJ = {"query_content": "qcontent", "query_pos": "qpos", "query_pos_sine": "qpos_sine", "key_content": "kcontent",
+            "key_pos": "kpos", "value": "v"}
+RESNET_DEPTHS = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
+
+
+class TransformersLayoutError(CheckpointError):
+    """A transformers checkpoint we cannot map (names the unsupported form)."""
+
+
+# ---- reading --------------------------------------------------------------------------------------
+def is_transformers_folder(path):
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in
+                                       (*WEIGHT_FILES, "model.safetensors.index.json"))
+
+
+def read_transformers(path):
+    """``(state_dict, config dict or None, preprocessor dict or None)`` of a ``save_pretrained`` folder, a
+    ``.safetensors`` file or a ``.bin`` state dict (``config.json`` beside a file is read too)."""
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            files = sorted(set(_json(index)["weight_map"].values()))
+            sd = {}
+            for f in files:
+                sd.update(_load_safetensors(os.path.join(path, f)))
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            sd = _load_safetensors(os.path.join(path, "model.safetensors"))
+        elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+            sd = _load_bin(os.path.join(path, "pytorch_model.bin"))
+        else:
+            raise TransformersLayoutError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
+    elif path.endswith(".safetensors"):
+        sd = _load_safetensors(path)
+    else:
+        sd = _load_bin(path)
+    return (sd, *read_side_files(path))
+
+
+def read_side_files(path):
+    """``(config.json, preprocessor_config.json)`` of a ``save_pretrained`` folder or beside a weights file
+    (None where absent)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return _json(os.path.join(folder, "config.json")), _json(os.path.join(folder, "preprocessor_config.json"))
+
+
+def _json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _load_safetensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(path, device="cpu")
+
+
+def _load_bin(path):
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (any refusal of the safe unpickler)
+        raise TransformersLayoutError(f"{path}: torch.load(weights_only=True) refused it ({str(e).splitlines()[0]})")
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise TransformersLayoutError(f"{path}: expected a state dict of tensors")
+    return sd
+
+
+def looks_like_transformers(sd):
+    """transformers' *ForObjectDetection state dicts: the detector under ``model.``."""
+    return any(re.match(r"model\.(encoder|decoder)\.layers\.\d+\.", k) for k in sd) and \
+        any(k.startswith("model.backbone.") for k in sd)
+
+
+# ---- transformers -> ours ---------------------------------------------------------------------------
+def _resnet_name(rest):
+    """transformers' ResNet (``embedder.*``, ``encoder.stages.*``) or timm's/torchvision's name -> detectron2's."""
+    if m := re.fullmatch(r"embedder\.embedder\.convolution\.weight", rest):
+        return "stem.conv1.weight"
+    if m := re.fullmatch(r"embedder\.embedder\.normalization\.(\w+)", rest):
+        return f"stem.conv1.norm.{m[1]}"
+    if m := re.fullmatch(r"encoder\.stages\.(\d)\.layers\.(\d+)\.(shortcut|layer\.(\d))\.(convolution|normalization)"
+                         r"\.(\w+)", rest):
+        block = f"res{int(m[1]) + 2}.{m[2]}"
+        conv = "shortcut" if m[3] == "shortcut" else f"conv{int(m[4]) + 1}"
+        return f"{block}.{conv}.weight" if m[5] == "convolution" else f"{block}.{conv}.norm.{m[6]}"
+    if m := re.fullmatch(r"conv1\.weight", rest):
+        return "stem.conv1.weight"
+    if m := re.fullmatch(r"bn1\.(\w+)", rest):
+        return f"stem.conv1.norm.{m[1]}"
+    if not (m := re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", rest)):
+        return None
+    stage, sub = f"res{int(m[1]) + 1}.{m[2]}", m[3]
+    for pattern, template in ((r"conv(\d)\.weight", "conv{}.weight"), (r"bn(\d)\.(\w+)", "conv{}.norm.{}"),
+                              (r"downsample\.0\.weight", "shortcut.weight"),
+                              (r"downsample\.1\.(\w+)", "shortcut.norm.{}")):
+        if r := re.fullmatch(pattern, sub):
+            return f"{stage}.{template.format(*r.groups())}"
+    return None
+
+
+def _ffn(rest):
+    for pattern, ours in ((r"(?:mlp\.)?fc1\.(\w+)", "linear1.{}"), (r"(?:mlp\.)?fc2\.(\w+)", "linear2.{}"),
+                          (r"(?:mlp\.)?activation_fn\.weight", "activation.weight")):
+        if m := re.fullmatch(pattern, rest):
+            return ours.format(*m.groups())
+    return None
+
+
+def _encoder_layer(rest, deformable):
+    if m := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
+        return f"self_attn.in_proj_{m[2]}#{m[1]}"  # packed below
+    if m := re.fullmatch(r"self_attn\.(?:o_proj|out_proj)\.(\w+)", rest):
+        return f"self_attn.out_proj.{m[1]}"
+    if deformable and (m := re.fullmatch(r"self_attn\.(sampling_offsets|attention_weights|value_proj|output_proj)"
+                                         r"\.(\w+)", rest)):
+        return f"self_attn.{m[1]}.{m[2]}"
+    if m := re.fullmatch(r"(self_attn_layer_norm|final_layer_norm)\.(\w+)", rest):
+        return f"{'norm1' if m[1] == 'self_attn_layer_norm' else 'norm2'}.{m[2]}"
+    return _ffn(rest)
+
+
+def _decoder_layer(rest, family):
+    if family == "DABDETR":
+        if m := re.fullmatch(r"(self|cross)_attn\.\1_attn_(\w+?)_proj\.(\w+)", rest):
+            if m[2] in DAB_PROJ:
+                return f"{'sa' if m[1] == 'self' else 'ca'}_{DAB_PROJ[m[2]]}_proj.{m[3]}"
+        if m := re.fullmatch(r"(self|cross)_attn\.\1_attn\.output_proj\.(\w+)", rest):
+            return f"{m[1]}_attn.out_proj.{m[2]}"
+        if m := re.fullmatch(r"(self|cross)_attn\.\1_attn_layer_norm\.(\w+)", rest):
+            return f"{'norm1' if m[1] == 'self' else 'norm2'}.{m[2]}"
+        if m := re.fullmatch(r"mlp\.final_layer_norm\.(\w+)", rest):
+            return f"norm3.{m[1]}"
+        return _ffn(rest)
+    if family == "DeformableDETR":
+        if m := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
+            return f"self_attn.in_proj_{m[2]}#{m[1]}"
+        if m := re.fullmatch(r"self_attn\.(?:o_proj|out_proj)\.(\w+)", rest):
+            return f"self_attn.out_proj.{m[1]}"
+        if m := re.fullmatch(r"encoder_attn\.(sampling_offsets|attention_weights|value_proj|output_proj)\.(\w+)", rest):
+            return f"cross_attn.{m[1]}.{m[2]}"
+        norms = {"self_attn_layer_norm": "norm2", "encoder_attn_layer_norm": "norm1", "final_layer_norm": "norm3"}
+    else:
+        if re.fullmatch(r"(sa|ca)_\w+_proj\.(weight|bias)", rest):
+            return rest  # the official names, as transformers writes them
+        if (m := re.fullmatch(r"(self_attn|encoder_attn)\.(\w+_proj)\.(\w+)", rest)) and \
+                m[2] in (COND_SELF if m[1] == "self_attn" else COND_CROSS):
+            return f"{(COND_SELF if m[1] == 'self_attn' else COND_CROSS)[m[2]]}.{m[3]}"
+        if m := re.fullmatch(r"(self_attn|encoder_attn)\.(?:o_proj|out_proj)\.(\w+)", rest):
+            return f"{'self_attn' if m[1] == 'self_attn' else 'cross_attn'}.out_proj.{m[2]}"
+        norms = {"self_attn_layer_norm": "norm1", "encoder_attn_layer_norm": "norm2", "final_layer_norm": "norm3"}
+    if (m := re.fullmatch(r"(\w+_layer_norm)\.(\w+)", rest)) and m[1] in norms:
+        return f"{norms[m[1]]}.{m[2]}"
+    return _ffn(rest)
+
+
+def transformers_family(sd, config=None):
+    """Our family of a transformers state dict; refuses the forms we do not implement, naming them."""
+    arch = (config or {}).get("architectures") or []
+    keys = list(sd)
+    if any(k.startswith("model.query_refpoint_embeddings.") for k in keys):
+        family = "DABDETR"
+    elif "model.level_embed" in sd:
+        family = "DeformableDETR"
+    elif any(k.startswith("class_labels_classifier.") for k in keys):
+        family = "ConditionalDETR"
+    else:
+        raise TransformersLayoutError(
+            "a transformers checkpoint of none of ConditionalDetrForObjectDetection, DabDetrForObjectDetection, "
+            f"DeformableDetrForObjectDetection (architectures: {arch or 'unknown'}; first keys {keys[:4]}); "
+            "DETR, RT-DETR, DINO/Grounding-DINO, segmentation heads and bare *Model checkpoints are not supported")
+    if arch and arch[0] != FAMILIES[family]:
+        raise TransformersLayoutError(f"config.json architectures {arch} is not supported (only {FAMILIES[family]} "
+                                      "of this layout)")
+    refused = []
+    c = config or {}
+    if family == "DeformableDETR":
+        if c.get("two_stage") or any(k.startswith(("model.enc_output", "model.pos_trans")) for k in keys):
+            refused.append("Deformable DETR two_stage (ours: MODEL.DETR.TWO_STAGE exists for DN-Deformable/DINO "
+                           "only)")
+        if c.get("with_box_refine") or any(k.startswith("model.decoder.bbox_embed.") for k in keys):
+            refused.append("Deformable DETR with_box_refine (per-layer heads refining the reference points)")
+    if family == "DABDETR":
+        if c.get("num_patterns") or "model.patterns.weight" in sd:
+            refused.append(f"DAB-DETR num_patterns={c.get('num_patterns')}")
+        if c.get("keep_query_pos"):
+            refused.append("DAB-DETR keep_query_pos=True")
+        if c.get("query_dim", 4) != 4:
+            refused.append(f"DAB-DETR query_dim={c['query_dim']}")
+        if c.get("bbox_embed_diff_each_layer"):
+            refused.append("DAB-DETR bbox_embed_diff_each_layer=True")
+        if c.get("normalize_before") or any(k.startswith("model.encoder.norm.") for k in keys):
+            refused.append("DAB-DETR normalize_before=True")
+        if c.get("temperature_height", 20) != c.get("temperature_width", 20):
+            refused.append("DAB-DETR temperature_height != temperature_width")
+        if c.get("sine_position_embedding_scale") not in (None, 2 * 3.141592653589793):
+            refused.append(f"DAB-DETR sine_position_embedding_scale={c['sine_position_embedding_scale']}")
+    if c.get("position_embedding_type", "sine") != "sine":
+        refused.append(f"position_embedding_type={c['position_embedding_type']!r}")
+    if c.get("encoder_attention_heads", 0) != c.get("decoder_attention_heads", 0):
+        refused.append("encoder_attention_heads != decoder_attention_heads")
+    if family != "DABDETR" and c.get("encoder_ffn_dim", 0) != c.get("decoder_ffn_dim", 0):
+        refused.append("encoder_ffn_dim != decoder_ffn_dim")
+    if family == "DeformableDETR" and c.get("encoder_n_points", 0) != c.get("decoder_n_points", 0):
+        refused.append("encoder_n_points != decoder_n_points")
+    if c.get("activation_function", "relu") not in ("relu", "gelu", "prelu"):
+        refused.append(f"activation_function={c['activation_function']!r}")
+    if refused:
+        raise TransformersLayoutError(f"unsupported {FAMILIES[family]} form: " + "; ".join(refused))
+    return family
+
+
+def transformers_names(sd, config=None):
+    """``(family, {our name: (value, source key)})``: the transformers state dict in our names (heads shared
+    by all decoder layers are merged after checking the copies are equal; q/k/v projections packed into
+    ``in_proj_*``). Raises naming any key without a counterpart."""
+    family = transformers_family(sd, config)
+    deformable = family == "DeformableDETR"
+    out, unmapped, packs = {}, [], {}
+    for key, value in sd.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        name = None
+        if m := re.fullmatch(r"model\.backbone\.(?:conv_encoder\.)?(?:model\.)?(.+)", key):
+            sub = _resnet_name(m[1])
+            name = sub and f"backbone.{sub}"
+        elif m := re.fullmatch(r"model\.encoder\.layers\.(\d+)\.(.+)", key):
+            sub = _encoder_layer(m[2], deformable)
+            name = sub and f"encoder.layers.{m[1]}.{sub}"
+        elif m := re.fullmatch(r"model\.decoder\.layers\.(\d+)\.(.+)", key):
+            sub = _decoder_layer(m[2], family)
+            name = sub and f"decoder.layers.{m[1]}.{sub}"
+        else:
+            rules = ((r"model\.decoder\.layernorm\.(\w+)", "decoder.norm.{}"),
+                     (r"model\.(encoder|decoder)\.(query_scale|ref_point_head|ref_anchor_head)\.(.+)", "{}.{}.{}"),
+                     (r"model\.decoder\.bbox_embed\.(layers\..+)", "bbox_embed.{}"),  # DAB: the tied box head
+                     (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
+                     (r"model\.query_refpoint_embeddings\.weight", "refpoint_embed.weight"),
+                     (r"model\.input_projection\.(\w+)", "input_proj.{}"),
+                     (r"model\.(input_proj\.\d+\.[01]\.\w+)", "{}"),
+                     (r"model\.level_embed", "level_embed"),
+                     (r"model\.reference_points\.(\w+)", "reference_points.{}"),
+                     (r"(?:class_labels_classifier|class_embed(?:\.\d+)?)\.(\w+)", "class_embed.{}"),
+                     (r"(?:bbox_predictor|bbox_embed(?:\.\d+)?)\.(layers\..+)", "bbox_embed.{}"))
+            for pattern, template in rules:
+                if m := re.fullmatch(pattern, key):
+                    name = template.format(*m.groups())
+                    break
+        if name is None:
+            unmapped.append(key)
+        elif "#" in name:
+            target, part = name.split("#")
+            packs.setdefault(target, {})[part] = (value, key)
+        elif name in out:
+            if out[name][0].shape != value.shape or not torch.equal(out[name][0], value):
+                raise TransformersLayoutError(f"{out[name][1]} and {key} both map to our shared {name} but differ "
+                                              "(per-layer heads: a form we do not implement)")
+        else:
+            out[name] = (value, key)
+    if unmapped:
+        raise TransformersLayoutError(f"{len(unmapped)} key(s) of the {FAMILIES[family]} checkpoint have no "
+                                      "counterpart in ks-detr: " + ", ".join(unmapped[:20]))
+    for target, parts in packs.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise TransformersLayoutError(f"{target}: only {sorted(parts)} of the q/k/v projections are present")
+        out[target] = (torch.cat([parts[p][0] for p in "qkv"]), parts["q"][1])
+    return family, out
+
+
+def _backbone_opts(names, config):
+    """detectron2 ResNet keys of the mapped backbone tensors."""
+    blocks = []
+    for stage in range(2, 6):
+        n = {int(m[1]) for k in names if (m := re.match(rf"backbone\.res{stage}\.(\d+)\.", k))}
+        blocks.append(len(n))
+    bottleneck = "backbone.res2.0.conv3.weight" in names
+    depth = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 50 if bottleneck else 34}.get(tuple(blocks), RESNET_DEPTHS.get(tuple(blocks)))
+    if depth is None or (depth not in (18, 34)) != bottleneck:
+        raise TransformersLayoutError(f"ResNet with {blocks} blocks per stage ({'bottleneck' if bottleneck else 'basic'}"
+                                      ") has no detectron2 MODEL.RESNETS.DEPTH")
+    opts = ["MODEL.RESNETS.DEPTH", depth,
+            "MODEL.RESNETS.STEM_OUT_CHANNELS", names["backbone.stem.conv1.weight"][0].shape[0]]
+    last = "conv3" if bottleneck else "conv2"
+    opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", names[f"backbone.res2.0.{last}.weight"][0].shape[0]]
+    if bottleneck:
+        w1 = names["backbone.res2.0.conv1.weight"][0]
+        w2 = names["backbone.res2.0.conv2.weight"][0]
+        groups = w1.shape[0] // w2.shape[1]
+        opts += ["MODEL.RESNETS.NUM_GROUPS", groups, "MODEL.RESNETS.WIDTH_PER_GROUP", w1.shape[0] // groups]
+    bb = (config or {}).get("backbone_config") or {}
+    stride_in_1x1 = bool(bb.get("downsample_in_bottleneck", False)) if bb.get("model_type") == "resnet" else False
+    opts += ["MODEL.RESNETS.STRIDE_IN_1X1", stride_in_1x1,
+             "MODEL.RESNETS.RES5_DILATION", 2 if (config or {}).get("dilation") else 1]
+    return opts
+
+
+def transformers_opts(family, names, config=None, preprocessor=None, num_classes=None):
+    """``[KEY, VALUE, ...]`` making our model of ``family`` compute what transformers computes with these weights
+    (shapes from the tensors, the rest from ``config.json`` / ``preprocessor_config.json`` when given)."""
+    c = config or {}
+    C = names["class_embed.weight"][0].shape[1]
+    rows = names["class_embed.weight"][0].shape[0]
+    enc = {int(m[1]) for k in names if (m := re.match(r"encoder\.layers\.(\d+)\.", k))}
+    dec = {int(m[1]) for k in names if (m := re.match(r"decoder\.layers\.(\d+)\.", k))}
+    heads = c.get("encoder_attention_heads") or c.get("num_attention_heads")
+    opts = ["MODEL.META_ARCHITECTURE", family]
+    opts += ["MODEL.DETR.NUM_CLASSES", num_classes or rows, "MODEL.DETR.HIDDEN_DIM", C,
+             "MODEL.DETR.ENC_LAYERS", len(enc), "MODEL.DETR.DEC_LAYERS", len(dec),
+             "MODEL.DETR.DIM_FEEDFORWARD", names["encoder.layers.0.linear1.weight"][0].shape[0]]
+    if heads:
+        opts += ["MODEL.DETR.NHEADS", heads]
+    query = {"DABDETR": "refpoint_embed.weight"}.get(family, "query_embed.weight")
+    opts += ["MODEL.DETR.NUM_QUERIES", names[query][0].shape[0]]
+    act = "prelu" if "encoder.layers.0.activation.weight" in names else c.get("activation_function", "relu")
+    opts += ["MODEL.DETR.ACTIVATION", act]
+    if "dropout" in c:
+        opts += ["MODEL.DETR.DROPOUT", float(c["dropout"])]
+    opts += ["MODEL.DETR.POS_TEMPERATURE", int(c.get("temperature_height", 20)) if family == "DABDETR" else 10000,
+             "MODEL.DETR.POS_OFFSET", -0.5 if family == "DeformableDETR" else 0.0]
+    if family == "DeformableDETR":
+        levels = names["level_embed"][0].shape[0]
+        n_in = len({k.split(".")[1] for k in names if re.match(r"input_proj\.\d+\.0\.weight", k)
+                    and names[k][0].shape[-1] == 1})
+        feats = ["res2", "res3", "res4", "res5"][4 - n_in:]
+        opts += ["MODEL.DETR.NUM_FEATURE_LEVELS", levels, "MODEL.DETR.IN_FEATURES", feats,
+                 "MODEL.RESNETS.OUT_FEATURES", feats]
+        points = c.get("encoder_n_points")
+        if points is None and heads:
+            points = names["encoder.layers.0.self_attn.attention_weights.weight"][0].shape[0] // (heads * levels)
+        if points:
+            opts += ["MODEL.DETR.DEFORMABLE_POINTS", points]
+    # what transformers computes: ours by default, set in case the config file chose the official numerics
+    opts += ["MODEL.DETR.DECODER_PADDING_MASK", True, "MODEL.DETR.EVAL_PAD_LAST_PIXEL", False,
+             "MODEL.DETR.BOX_LOGIT_EPS", 1e-5, "MODEL.DETR.GIOU_EPS", 0.0,
+             # post_process_object_detection keeps the top 100 (query, class) pairs
+             "MODEL.DETR.NUM_TOPK_TEST", 100]
+    opts += _backbone_opts(names, config)
+    if preprocessor:
+        mean, std = preprocessor.get("image_mean"), preprocessor.get("image_std")
+        if mean and std:
+            opts += ["MODEL.PIXEL_MEAN", [round(m * 255.0, 6) for m in mean],
+                     "MODEL.PIXEL_STD", [round(s * 255.0, 6) for s in std], "INPUT.FORMAT", "RGB"]
+    return opts
+
+
+def check_transformers_config(config):
+    """Warnings (strings) about config.json settings where transformers' own forward is not the official one."""
+    notes = []
+    c = config or {}
+    if c.get("model_type") == "conditional_detr" and c.get("auxiliary_loss"):
+        notes.append("config.json has auxiliary_loss=true: transformers' Conditional DETR then feeds each layer's "
+                     "normed output to the next layer (the official code, and ours, the un-normed one); these "
+                     "weights load, but transformers' outputs differ from ours")
+    return notes
