@@ -6,6 +6,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
+from .data.images import DEFAULT_MAX_IMAGE_PIXELS
 from .errors import ConfigError
 from .modeling.ks import STREAMS
 
@@ -102,6 +103,9 @@ def add_ks_detr_config(cfg):
     # DETR augmentation: with probability 0.5, resize to one of these shortest edges and crop
     # (INPUT.CROP.*) before the usual multi-scale resize.
     cfg.INPUT.CROP.PRE_RESIZE_SIZES = [400, 500, 600]
+    # largest image (width x height) that training, the data check and the demo decode (0 = no limit): the guard
+    # against decompression bombs; the default is where Pillow itself refuses an image
+    cfg.INPUT.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 
     # CPU training (MODEL.DEVICE "cpu") on glibc: keep freed memory in the heap for reuse instead of returning
     # it to the kernel (mallopt), so a step does not page-fault in again what the last one freed (docs/benchmarks.md)
