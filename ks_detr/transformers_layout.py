@@ -238,42 +238,48 @@ def transformers_family(sd, config=None):
     return family
 
 
+def our_name(key, family):
+    """Our name of one transformers key (``…in_proj_weight#q`` for a part of a packed projection), or None."""
+    deformable = family == "DeformableDETR"
+    name = None
+    if m := re.fullmatch(r"model\.backbone\.(?:conv_encoder\.)?(?:model\.)?(.+)", key):
+        sub = _resnet_name(m[1])
+        name = sub and f"backbone.{sub}"
+    elif m := re.fullmatch(r"model\.encoder\.layers\.(\d+)\.(.+)", key):
+        sub = _encoder_layer(m[2], deformable)
+        name = sub and f"encoder.layers.{m[1]}.{sub}"
+    elif m := re.fullmatch(r"model\.decoder\.layers\.(\d+)\.(.+)", key):
+        sub = _decoder_layer(m[2], family)
+        name = sub and f"decoder.layers.{m[1]}.{sub}"
+    else:
+        rules = ((r"model\.decoder\.layernorm\.(\w+)", "decoder.norm.{}"),
+                 (r"model\.(encoder|decoder)\.(query_scale|ref_point_head|ref_anchor_head)\.(.+)", "{}.{}.{}"),
+                 (r"model\.decoder\.bbox_embed\.(layers\..+)", "bbox_embed.{}"),  # DAB: the tied box head
+                 (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
+                 (r"model\.query_refpoint_embeddings\.weight", "refpoint_embed.weight"),
+                 (r"model\.input_projection\.(\w+)", "input_proj.{}"),
+                 (r"model\.(input_proj\.\d+\.[01]\.\w+)", "{}"),
+                 (r"model\.level_embed", "level_embed"),
+                 (r"model\.reference_points\.(\w+)", "reference_points.{}"),
+                 (r"(?:class_labels_classifier|class_embed(?:\.\d+)?)\.(\w+)", "class_embed.{}"),
+                 (r"(?:bbox_predictor|bbox_embed(?:\.\d+)?)\.(layers\..+)", "bbox_embed.{}"))
+        for pattern, template in rules:
+            if m := re.fullmatch(pattern, key):
+                name = template.format(*m.groups())
+                break
+    return name
+
+
 def transformers_names(sd, config=None):
     """``(family, {our name: (value, source key)})``: the transformers state dict in our names (heads shared
     by all decoder layers are merged after checking the copies are equal; q/k/v projections packed into
     ``in_proj_*``). Raises naming any key without a counterpart."""
     family = transformers_family(sd, config)
-    deformable = family == "DeformableDETR"
     out, unmapped, packs = {}, [], {}
     for key, value in sd.items():
         if key.endswith("num_batches_tracked"):
             continue
-        name = None
-        if m := re.fullmatch(r"model\.backbone\.(?:conv_encoder\.)?(?:model\.)?(.+)", key):
-            sub = _resnet_name(m[1])
-            name = sub and f"backbone.{sub}"
-        elif m := re.fullmatch(r"model\.encoder\.layers\.(\d+)\.(.+)", key):
-            sub = _encoder_layer(m[2], deformable)
-            name = sub and f"encoder.layers.{m[1]}.{sub}"
-        elif m := re.fullmatch(r"model\.decoder\.layers\.(\d+)\.(.+)", key):
-            sub = _decoder_layer(m[2], family)
-            name = sub and f"decoder.layers.{m[1]}.{sub}"
-        else:
-            rules = ((r"model\.decoder\.layernorm\.(\w+)", "decoder.norm.{}"),
-                     (r"model\.(encoder|decoder)\.(query_scale|ref_point_head|ref_anchor_head)\.(.+)", "{}.{}.{}"),
-                     (r"model\.decoder\.bbox_embed\.(layers\..+)", "bbox_embed.{}"),  # DAB: the tied box head
-                     (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
-                     (r"model\.query_refpoint_embeddings\.weight", "refpoint_embed.weight"),
-                     (r"model\.input_projection\.(\w+)", "input_proj.{}"),
-                     (r"model\.(input_proj\.\d+\.[01]\.\w+)", "{}"),
-                     (r"model\.level_embed", "level_embed"),
-                     (r"model\.reference_points\.(\w+)", "reference_points.{}"),
-                     (r"(?:class_labels_classifier|class_embed(?:\.\d+)?)\.(\w+)", "class_embed.{}"),
-                     (r"(?:bbox_predictor|bbox_embed(?:\.\d+)?)\.(layers\..+)", "bbox_embed.{}"))
-            for pattern, template in rules:
-                if m := re.fullmatch(pattern, key):
-                    name = template.format(*m.groups())
-                    break
+        name = our_name(key, family)
         if name is None:
             unmapped.append(key)
         elif "#" in name:
@@ -380,3 +386,117 @@ def check_transformers_config(config):
                      "normed output to the next layer (the official code, and ours, the un-normed one); these "
                      "weights load, but transformers' outputs differ from ours")
     return notes
+
+
+# ---- ours -> transformers ---------------------------------------------------------------------------
+def _our_tensor(name, ours):
+    if "#" not in name:
+        return ours[name]
+    target, part = name.split("#")
+    full = ours[target]
+    n = full.shape[0] // 3
+    return full["qkv".index(part) * n : ("qkv".index(part) + 1) * n]
+
+
+def transformers_config(cfg, class_names=None):
+    """The transformers config object of our (student) ``cfg``; refuses what transformers cannot compute."""
+    import transformers
+
+    d, r = cfg.MODEL.DETR, cfg.MODEL.RESNETS
+    family = cfg.MODEL.META_ARCHITECTURE
+    problems = []
+    if family not in FAMILIES:
+        problems.append(f"MODEL.META_ARCHITECTURE={family} (transformers has {', '.join(FAMILIES)} here)")
+    if cfg.MODEL.BACKBONE.NAME != "build_resnet_backbone":
+        problems.append(f"MODEL.BACKBONE.NAME={cfg.MODEL.BACKBONE.NAME} (a ResNet is exported)")
+    if r.NUM_GROUPS != 1 or r.RES5_DILATION != 1 or r.DEFORM_ON_PER_STAGE != [False] * 4:
+        problems.append("grouped, dilated or deformable ResNet convolutions (MODEL.RESNETS.NUM_GROUPS / "
+                        "RES5_DILATION / DEFORM_ON_PER_STAGE): transformers' ResNet has none")
+    if r.DEPTH >= 50 and r.WIDTH_PER_GROUP * 4 != r.RES2_OUT_CHANNELS:
+        problems.append("MODEL.RESNETS.WIDTH_PER_GROUP * 4 != RES2_OUT_CHANNELS (transformers' bottleneck reduction "
+                        "is 4)")
+    if r.NORM != "FrozenBN":
+        problems.append(f"MODEL.RESNETS.NORM={r.NORM} (transformers freezes its batch norms)")
+    temperature = 20 if family == "DABDETR" else 10000
+    if family != "DABDETR" and d.POS_TEMPERATURE != temperature:
+        problems.append(f"MODEL.DETR.POS_TEMPERATURE={d.POS_TEMPERATURE} (transformers: {temperature})")
+    offset = -0.5 if family == "DeformableDETR" else 0.0
+    if d.POS_OFFSET != offset:
+        problems.append(f"MODEL.DETR.POS_OFFSET={d.POS_OFFSET} (transformers: {offset})")
+    if cfg.INPUT.FORMAT != "RGB":
+        problems.append(f"INPUT.FORMAT={cfg.INPUT.FORMAT} (transformers' image processors give RGB)")
+    if family == "DeformableDETR":
+        stages = {"res2": "stage1", "res3": "stage2", "res4": "stage3", "res5": "stage4"}
+        if list(d.IN_FEATURES) != ["res2", "res3", "res4", "res5"][4 - len(d.IN_FEATURES):]:
+            problems.append(f"MODEL.DETR.IN_FEATURES={list(d.IN_FEATURES)} (transformers: the last stages)")
+        out_features = [stages[f] for f in d.IN_FEATURES if f in stages]
+    else:
+        out_features = ["stage4"]
+    if problems:
+        raise TransformersLayoutError("cannot export to transformers: " + "; ".join(problems))
+    depths = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}[r.DEPTH]
+    backbone = transformers.ResNetConfig(
+        embedding_size=r.STEM_OUT_CHANNELS, hidden_sizes=[r.RES2_OUT_CHANNELS * 2**i for i in range(4)],
+        depths=depths, layer_type="bottleneck" if r.DEPTH >= 50 else "basic",
+        downsample_in_bottleneck=bool(r.STRIDE_IN_1X1), out_features=out_features)
+    names = list(class_names or [f"LABEL_{i}" for i in range(d.NUM_CLASSES)])
+    common = dict(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
+                  num_queries=d.NUM_QUERIES, encoder_layers=d.ENC_LAYERS, decoder_layers=d.DEC_LAYERS,
+                  encoder_ffn_dim=d.DIM_FEEDFORWARD, decoder_ffn_dim=d.DIM_FEEDFORWARD,
+                  encoder_attention_heads=d.NHEADS, decoder_attention_heads=d.NHEADS,
+                  activation_function=d.ACTIVATION, dropout=d.DROPOUT, auxiliary_loss=False,
+                  id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+                  focal_alpha=float(d.FOCAL_ALPHA))
+    # loss weights and matcher costs (training with transformers; its config types them as integers)
+    for ours, theirs in (("COST_CLASS", "class_cost"), ("COST_BBOX", "bbox_cost"), ("COST_GIOU", "giou_cost"),
+                         ("CLASS_WEIGHT", "cls_loss_coefficient"), ("BBOX_WEIGHT", "bbox_loss_coefficient"),
+                         ("GIOU_WEIGHT", "giou_loss_coefficient")):
+        if float(d[ours]).is_integer():
+            common[theirs] = int(d[ours])
+    if family == "ConditionalDETR":
+        return transformers.ConditionalDetrConfig(d_model=d.HIDDEN_DIM, **common)
+    if family == "DABDETR":
+        return transformers.DabDetrConfig(hidden_size=d.HIDDEN_DIM, temperature_height=d.POS_TEMPERATURE,
+                                          temperature_width=d.POS_TEMPERATURE, **common)
+    return transformers.DeformableDetrConfig(d_model=d.HIDDEN_DIM, num_feature_levels=d.NUM_FEATURE_LEVELS,
+                                             encoder_n_points=d.DEFORMABLE_POINTS,
+                                             decoder_n_points=d.DEFORMABLE_POINTS, **common)
+
+
+def transformers_model(cfg, ours, class_names=None):
+    """A transformers ``*ForObjectDetection`` holding our student state dict ``ours`` (every tensor used,
+    every transformers tensor filled: ``load_state_dict(strict=True)``)."""
+    import transformers
+
+    config = transformers_config(cfg, class_names)
+    family = cfg.MODEL.META_ARCHITECTURE
+    model = getattr(transformers, FAMILIES[family])(config).eval()
+    state, used, unmapped = {}, set(), []
+    for key, value in model.state_dict().items():
+        name = our_name(key, family)
+        if name is None or name.split("#")[0] not in ours:
+            unmapped.append(key)
+            continue
+        tensor = _our_tensor(name, ours)
+        if tensor.shape != value.shape:
+            unmapped.append(f"{key} {tuple(value.shape)} vs ours {name} {tuple(tensor.shape)}")
+            continue
+        state[key] = tensor.clone()
+        used.add(name.split("#")[0])
+    left = sorted(set(ours) - used)
+    if unmapped or left:
+        raise TransformersLayoutError(f"cannot export: transformers tensors without ours: {unmapped[:10]}; "
+                                      f"ours without a transformers tensor: {left[:10]}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def image_processor_settings(cfg):
+    """``preprocessor_config.json`` content: our test-time resize and pixel statistics."""
+    family = cfg.MODEL.META_ARCHITECTURE
+    processor = "DeformableDetrImageProcessor" if family == "DeformableDETR" else "ConditionalDetrImageProcessor"
+    return {"image_processor_type": processor, "do_resize": True,
+            "size": {"shortest_edge": int(cfg.INPUT.MIN_SIZE_TEST), "longest_edge": int(cfg.INPUT.MAX_SIZE_TEST)},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [m / 255.0 for m in cfg.MODEL.PIXEL_MEAN], "image_std": [s / 255.0 for s in cfg.MODEL.PIXEL_STD],
+            "do_pad": True, "format": "coco_detection", "do_convert_annotations": True}
