@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="ks-detr",
-    version="0.1.0",
+    version="0.2.0",
     description="KS-DETR: knowledge sharing in attention learning for DETR, as a detectron2 extension",
     packages=find_packages(include=["ks_detr", "ks_detr.*"]),
     python_requires=">=3.10",

@@ -20,7 +20,7 @@ from .modeling import (
 )
 from .solver import build_optimizer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "add_ks_detr_config",
     "check_ks_detr_config",
