@@ -410,6 +410,15 @@ def transformers_keys(sd, config_file, opts, hf_config=None, preprocessor=None):
                  "train_net.py / demo.py too): %s", tail)
     else:
         log.info("the config already computes what transformers computes with these weights")
+    c = hf_config or {}
+    loss = ["MODEL.DETR.CLASS_WEIGHT", 1.0, "MODEL.DETR.AUX_LOSS", bool(c.get("auxiliary_loss", False))]
+    for ours, theirs in (("COST_CLASS", "class_cost"), ("COST_BBOX", "bbox_cost"), ("COST_GIOU", "giou_cost"),
+                         ("BBOX_WEIGHT", "bbox_loss_coefficient"), ("GIOU_WEIGHT", "giou_loss_coefficient"),
+                         ("FOCAL_ALPHA", "focal_alpha")):
+        if theirs in c:
+            loss += [f"MODEL.DETR.{ours}", float(c[theirs])]
+    log.info("not applied (training recipe): to train with the loss transformers computes (its focal class loss "
+             "weighs 1), add: %s", " ".join(map(str, loss)))
     return changed
 
 

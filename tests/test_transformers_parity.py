@@ -1,0 +1,305 @@
+"""Hugging Face transformers' Conditional / DAB / Deformable DETR against ours (tools/convert_checkpoint.py
+--source transformers, tools/export_transformers.py).
+
+transformers (pinned in requirements.txt) builds tiny random models from its own config classes (transformers'
+ResNet backbone, nothing downloaded); ours loads the converted weights with the keys the converter derives:
+raw logits and boxes agree to 1e-5 on a padded batch, post-processed detections are equal on a real photo
+(datasets/trees), and losses and gradients agree where transformers computes our loss (no auxiliary loss:
+transformers' Conditional DETR feeds normed states forward when its auxiliary loss is on). Our students go out as
+transformers folders that ``AutoModelForObjectDetection.from_pretrained`` loads with the same detections, and come
+back bit-identical. Refused forms are named. Measured (torch 2.14.1, CPU): logits <= 7e-6, boxes <= 1.4e-6.
+"""
+import glob
+import logging
+import os
+import shlex
+import sys
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from PIL import Image
+
+from conftest import REPO, make_cfg, tame_random_backbone
+
+transformers = pytest.importorskip("transformers")
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import convert_checkpoint  # noqa: E402
+import export_transformers  # noqa: E402
+
+from ks_detr import transformers_layout as hf  # noqa: E402
+
+TOL = 1e-5
+FORMS = {"conditional": ("ConditionalDetr", "configs/conditional_detr_r50.yaml"),
+         "dab": ("DabDetr", "configs/dab_detr_r50.yaml"),
+         "deformable": ("DeformableDetr", "configs/deformable_detr_r50.yaml")}
+# a ResNet-50-shaped backbone with few channels (transformers' ResNet; ours: detectron2's with these keys)
+TINY_OURS = ["MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "32",
+             "MODEL.RESNETS.WIDTH_PER_GROUP", "8", "MODEL.DETR.HIDDEN_DIM", "32", "MODEL.DETR.NHEADS", "4",
+             "MODEL.DETR.ENC_LAYERS", "2", "MODEL.DETR.DEC_LAYERS", "2", "MODEL.DETR.DIM_FEEDFORWARD", "64",
+             "MODEL.DETR.NUM_QUERIES", "12", "MODEL.DETR.NUM_CLASSES", "5", "MODEL.DETR.NUM_TOPK_TEST", "100"]
+
+
+def hf_config(form, **extra):
+    prefix, _ = FORMS[form]
+    out = ["stage2", "stage3", "stage4"] if form == "deformable" else ["stage4"]
+    backbone = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[3, 4, 6, 3],
+                                         layer_type="bottleneck", out_features=out)
+    width = {"hidden_size": 32} if form == "dab" else {"d_model": 32}
+    kw = dict(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False, encoder_layers=2,
+              decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+              decoder_ffn_dim=64, num_queries=12, num_labels=5, **width)
+    kw.update(extra)
+    return getattr(transformers, f"{prefix}Config")(**kw)
+
+
+def random_hf_model(form, seed=0, **extra):
+    """A transformers model with random weights, batch-norm statistics and heads spread out (distinct scores)."""
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{FORMS[form][0]}ForObjectDetection")(hf_config(form, **extra)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "running_var") and hasattr(module, "running_mean"):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.0)
+                module.bias.uniform_(-0.1, 0.1)
+        for name, p in model.named_parameters():
+            if any(s in name for s in ("bbox", "class", "reference", "refpoint")):
+                p.normal_(0, 0.3)
+    return model
+
+
+def convert(folder, config, caplog, *extra):
+    """Run the converter CLI on a save_pretrained folder; returns (state dict, the keys it printed)."""
+    out = os.path.join(folder, "ours.pth")
+    with caplog.at_level(logging.INFO, logger="ks_detr.convert_checkpoint"):
+        caplog.clear()
+        convert_checkpoint.main(["--config-file", os.path.join(REPO, config), folder, out, *extra])
+    lines = [r.getMessage() for r in caplog.records if "this conversion used" in r.getMessage()]
+    keys = shlex.split(lines[0].split("too): ", 1)[1]) if lines else []
+    return torch.load(out, weights_only=True)["model"], keys
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """{form: (transformers model, our model, keys the converter set)}."""
+    torch.set_num_threads(1)
+    caplog = _ModuleCaplog()
+    out = {}
+    for form, (_, config) in FORMS.items():
+        model = random_hf_model(form)
+        folder = str(tmp_path_factory.mktemp(form))
+        model.save_pretrained(folder)
+        sd, keys = convert(folder, config, caplog)
+        ours = build_model(make_cfg(config, *keys)).eval()
+        ours.load_state_dict(sd, strict=True)
+        out[form] = (model, ours, keys)
+    return out
+
+
+class _ModuleCaplog:
+    """caplog for a module-scoped fixture: collects ks_detr.convert_checkpoint records."""
+
+    def __init__(self):
+        self.records = []
+
+    def clear(self):
+        self.records = []
+
+    def at_level(self, level, logger):
+        import contextlib
+
+        parent = self
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                parent.records.append(record)
+
+        @contextlib.contextmanager
+        def ctx():
+            log = logging.getLogger(logger)
+            handler, old = Collect(level), log.level
+            log.addHandler(handler)
+            log.setLevel(level)
+            try:
+                yield
+            finally:
+                log.removeHandler(handler)
+                log.setLevel(old)
+        return ctx()
+
+
+def padded_batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 160, 224, generator=g)
+    valid = torch.ones(2, 160, 224, dtype=torch.long)
+    valid[1, 130:] = 0
+    valid[1, :, 190:] = 0
+    return x, valid
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_logits_and_boxes_match(converted, form):
+    model, ours, _ = converted[form]
+    x, valid = padded_batch()
+    with torch.no_grad():
+        theirs = model(pixel_values=x, pixel_mask=valid)
+        logits, boxes = ours.predict(x, valid == 0)
+    dl, db = (theirs.logits - logits).abs().max().item(), (theirs.pred_boxes - boxes).abs().max().item()
+    print(f"{form}: max |logit diff| {dl:.2e}, max |box diff| {db:.2e}")
+    assert dl <= TOL and db <= TOL
+
+
+def test_converter_keys(converted):
+    """The keys printed are the sizes of the tiny models (those differing from the R-50 configs) and
+    transformers' top 100; DAB's temperature 20 and Deformable's -0.5 offset are already in our configs."""
+    for form, (_, _, keys) in converted.items():
+        d = dict(zip(keys[::2], keys[1::2]))
+        assert d["MODEL.DETR.HIDDEN_DIM"] == "32" and d["MODEL.DETR.NHEADS"] == "4", (form, d)
+        assert d["MODEL.DETR.NUM_QUERIES"] == "12" and d["MODEL.DETR.NUM_TOPK_TEST"] == "100", (form, d)
+        assert d["MODEL.RESNETS.WIDTH_PER_GROUP"] == "8", (form, d)
+
+
+def photo():
+    root = os.environ.get("KS_DETR_DATASETS", os.path.join(REPO, "datasets"))
+    return np.asarray(Image.open(sorted(glob.glob(os.path.join(root, "trees", "images", "*.jpg")))[0]).convert("RGB"))
+
+
+def detections_ours(ours, image):
+    h, w = image.shape[:2]
+    with torch.no_grad():
+        inst = ours([{"image": torch.from_numpy(image.copy()).permute(2, 0, 1).float(), "height": h,
+                      "width": w}])[0]["instances"]
+    return inst.scores, inst.pred_classes, inst.pred_boxes.tensor
+
+
+def detections_hf(model, processor, image):
+    h, w = image.shape[:2]
+    inputs = processor(images=image, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    r = processor.post_process_object_detection(out, threshold=0.0, target_sizes=[(h, w)], top_k=100)[0]
+    boxes = r["boxes"].clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)  # detectron2's detector_postprocess clips boxes to the image
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    return r["scores"], r["labels"], boxes
+
+
+def assert_same_detections(a, b):
+    """The same (score, class, box) detections, best first; detections whose scores tie within 1e-5 may come in
+    either order (they are matched one to one)."""
+    (s1, l1, b1), (s2, l2, b2) = a, b
+    assert len(s1) == len(s2) == 60  # top 100 of 12 queries x 5 classes
+    assert (s1 - s2).abs().max() <= TOL
+    free = list(range(len(s2)))
+    for i in range(len(s1)):
+        j = next((j for j in free if l2[j] == l1[i] and abs(s2[j] - s1[i]) <= TOL
+                  and (b2[j] - b1[i]).abs().max() <= TOL * 400), None)  # pixels of the 400 x 400 photo
+        assert j is not None, f"detection {i} ({s1[i]:.6f}, class {l1[i]}, {b1[i].tolist()}) has no counterpart"
+        free.remove(j)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_detections_on_a_photo(converted, form, trees_dataset):
+    model, ours, _ = converted[form]
+    image = photo()
+    processor = transformers.ConditionalDetrImageProcessor(do_resize=False, do_pad=False) if form != "deformable" \
+        else transformers.DeformableDetrImageProcessor(do_resize=False, do_pad=False)
+    assert_same_detections(detections_hf(model, processor, image), detections_ours(ours, image))
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_loss_and_gradients_match(form, tmp_path, caplog):
+    """Without auxiliary loss and dropout: transformers' focal/L1/GIoU loss (its class loss weighs 1) equals ours
+    with the converter's loss keys; so do the gradients of every tensor (q/k/v parts of our packed ones)."""
+    torch.set_num_threads(1)
+    model = random_hf_model(form, seed=2, dropout=0.0, class_cost=2)
+    model.save_pretrained(str(tmp_path))
+    sd, keys = convert(str(tmp_path), FORMS[form][1], caplog)
+    ours = build_model(make_cfg(FORMS[form][1], *keys, "MODEL.DETR.AUX_LOSS", "False", "MODEL.DETR.CLASS_WEIGHT", "1.0",
+                                "MODEL.DETR.COST_CLASS", "2.0", "MODEL.DETR.DROPOUT", "0.0"))
+    ours.load_state_dict(sd, strict=True)
+    model.train()
+    ours.train()
+    x, valid = padded_batch(seed=3)
+    x = x * valid[:, None]  # zero padding, as detectron2's ImageList pads our images
+    boxes = torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.4]])  # cxcywh, normalised by the image size
+    sizes = [(160, 224), (130, 190)]
+    labels = [{"class_labels": torch.tensor([1, 3]), "boxes": boxes}, {"class_labels": torch.tensor([2]), "boxes": boxes[:1]}]
+    out = model(pixel_values=x, pixel_mask=valid, labels=labels)
+    out.loss.backward()
+
+    from detectron2.structures import Boxes, Instances
+    mean, std = ours.pixel_mean, ours.pixel_std
+    inputs = []
+    for i, (h, w) in enumerate(sizes):
+        inst = Instances((h, w))
+        cxcywh = labels[i]["boxes"] * torch.tensor([w, h, w, h])
+        inst.gt_boxes = Boxes(torch.cat([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1))
+        inst.gt_classes = labels[i]["class_labels"]
+        inputs.append({"image": x[i, :, :h, :w] * std + mean, "instances": inst})
+    losses = ours(inputs)
+    total = sum(losses.values())
+    total.backward()
+    print(f"{form}: loss transformers {out.loss.item():.6f} ours {total.item():.6f}")
+    assert abs(out.loss.item() - total.item()) <= 1e-5 * max(1.0, abs(total.item()))
+    ours_params = dict(ours.named_parameters())
+    worst, compared = 0.0, 0
+    grads = {n: q.grad for n, q in ours_params.items() if q.grad is not None}
+    family = hf.transformers_family(model.state_dict())
+    for key, p in model.named_parameters():
+        name = hf.our_name(key, family)
+        if p.grad is None or name.split("#")[0] not in grads:  # frozen backbone parts (which differ) are skipped
+            assert key.startswith("model.backbone."), key
+            continue
+        compared += 1
+        mine = hf._our_tensor(name, grads)
+        scale = max(1.0, p.grad.abs().max().item())
+        worst = max(worst, (p.grad - mine).abs().max().item() / scale)
+    print(f"{form}: max relative gradient difference {worst:.2e} over {compared} tensors")
+    assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_export_loads_in_transformers_and_round_trips(form, tmp_path, caplog, trees_dataset):
+    config = FORMS[form][1]
+    torch.set_num_threads(1)
+    torch.manual_seed(4)
+    ours = tame_random_backbone(build_model(make_cfg(config, *TINY_OURS))).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if any(s in name for s in ("bbox_embed", "class_embed", "reference_points", "refpoint")):
+                p.normal_(0, 0.3)
+    weights = str(tmp_path / "model_final.pth")
+    torch.save({"model": ours.state_dict()}, weights)
+    folder = str(tmp_path / "hf")
+    export_transformers.main(["--config-file", os.path.join(REPO, config), weights, folder, *TINY_OURS])
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(os.listdir(folder))
+    model = transformers.AutoModelForObjectDetection.from_pretrained(folder).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    assert processor.size == {"shortest_edge": 800, "longest_edge": 1333}  # our INPUT.MIN/MAX_SIZE_TEST
+    processor.do_resize = False  # (the resize itself: detectron2's and transformers' interpolations differ)
+    image = photo()
+    assert_same_detections(detections_hf(model, processor, image), detections_ours(ours, image))
+
+    back, _ = convert(folder, config, caplog, *TINY_OURS)
+    original = ours.state_dict()
+    assert set(back) == set(original)
+    assert all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_refused_forms(tmp_path, caplog):
+    for extra, needle in ((dict(with_box_refine=True), "with_box_refine"), (dict(with_box_refine=True, two_stage=True), "two_stage")):
+        model = getattr(transformers, "DeformableDetrForObjectDetection")(hf_config("deformable", **extra))
+        folder = str(tmp_path / needle)
+        model.save_pretrained(folder)
+        with pytest.raises(SystemExit):
+            convert(folder, FORMS["deformable"][1], caplog)
+        sd, config, _ = hf.read_transformers(folder)
+        with pytest.raises(hf.TransformersLayoutError, match=needle):
+            hf.transformers_names(sd, config)
+    model = transformers.DabDetrForObjectDetection(hf_config("dab", num_patterns=3))
+    with pytest.raises(hf.TransformersLayoutError, match="num_patterns"):
+        hf.transformers_names(model.state_dict(), model.config.to_dict())
