@@ -9,7 +9,7 @@ Families: Conditional DETR, DAB-DETR and Deformable DETR (single stage) with a d
 transformers' ResNet, no timm needed). A KS run (``ks_*.yaml`` config, checkpoint with teachers) is exported as its
 student: the teacher-only tensors are dropped as ``tools/ks_to_student.py`` does. Class names come from the
 metadata of ``DATASETS.TEST[0]`` (else LABEL_i); the image processor gets our test resize
-(``INPUT.MIN/MAX_SIZE_TEST``) and pixel statistics. Settings transformers cannot compute (another backbone, dilation,
+(``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``) and pixel statistics. Settings transformers cannot compute (another backbone, dilation,
 grouped convolutions, a position-embedding temperature/offset transformers does not have, BGR input) are refused by
 name; the official-numerics switches (``MODEL.DETR.DECODER_PADDING_MASK`` False, ``EVAL_PAD_LAST_PIXEL`` True,
 ``BOX_LOGIT_EPS``) are not carried: transformers computes ours with their defaults (a note says so).
