@@ -9,6 +9,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from .data.images import DEFAULT_MAX_IMAGE_PIXELS
 from .errors import ConfigError
 from .modeling.ks import STREAMS
+from .modeling.layers.deformable_attention import IMPLS as DEFORMABLE_ATTN_IMPLS
 
 KS_MODES = tuple(STREAMS)  # the modes are the keys of the stream table (ks_detr/modeling/ks)
 MASK_SAMPLINGS = ("bilinear", "area")
@@ -28,6 +29,11 @@ def add_ks_detr_config(cfg):
     _C.IN_FEATURES = ["res5"]  # backbone feature maps fed to the transformer (one per level)
     _C.NUM_FEATURE_LEVELS = 1  # levels; more than IN_FEATURES adds stride-2 convs (Deformable)
     _C.DEFORMABLE_POINTS = 4  # sampling points per head and level (Deformable family)
+    # how multi-scale deformable attention samples (Deformable families and their KS triple attention):
+    # auto (Triton kernels, forward and backward, on CUDA; PyTorch elsewhere and while tracing/exporting/compiling)
+    # | pytorch (grid_sample, the reference) | triton (CUDA tensors; on CPU only under TRITON_INTERPRET=1, set
+    # before Python starts)
+    _C.DEFORMABLE_ATTN_IMPL = "auto"
     _C.POS_OFFSET = 0.0  # offset of the normalised sine position cumsum (Deformable: -0.5)
     _C.HIDDEN_DIM = 256  # transformer width C
     _C.NHEADS = 8  # attention heads
@@ -148,6 +154,8 @@ def check_ks_detr_config(cfg):
               f"needs at least one level per MODEL.DETR.IN_FEATURES={list(d.IN_FEATURES)}")
     if d.DEFORMABLE_POINTS < 1:
         _fail("MODEL.DETR.DEFORMABLE_POINTS", d.DEFORMABLE_POINTS, "must be >= 1")
+    if d.DEFORMABLE_ATTN_IMPL not in DEFORMABLE_ATTN_IMPLS:
+        _fail("MODEL.DETR.DEFORMABLE_ATTN_IMPL", d.DEFORMABLE_ATTN_IMPL, f"choose one of {DEFORMABLE_ATTN_IMPLS}")
     if cfg.MODEL.BACKBONE.NAME == "build_mobilenet_v2_backbone" and not 0 <= cfg.MODEL.BACKBONE.FREEZE_AT <= 5:
         _fail("MODEL.BACKBONE.FREEZE_AT", cfg.MODEL.BACKBONE.FREEZE_AT, "MobileNet-V2 has 5 stages: use 0..5")
     if d.HIDDEN_DIM % d.NHEADS:
@@ -298,7 +306,7 @@ def check_keys_act(cfg):
               f"not read while MODEL.DETR.DN.NUM_QUERIES={d.DN.NUM_QUERIES} > 0 sets the groups (NUM_QUERIES // "
               "most boxes per image); no denoising: set both 0")
     if not issubclass(arch, DeformableDETR):
-        for key in ("MODEL.DETR.NUM_FEATURE_LEVELS", "MODEL.DETR.DEFORMABLE_POINTS"):
+        for key in ("MODEL.DETR.NUM_FEATURE_LEVELS", "MODEL.DETR.DEFORMABLE_POINTS", "MODEL.DETR.DEFORMABLE_ATTN_IMPL"):
             if key in changed:
                 _fail(key, changed[key], f"MODEL.META_ARCHITECTURE={name} attends to one feature map with plain "
                                          "attention (the Deformable families are multi-scale)")

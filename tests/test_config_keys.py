@@ -49,7 +49,7 @@ from ks_detr.data.images import MAX_PIXELS_ENV
 from ks_detr.data.sampler import build_resumable_train_loader
 from ks_detr.engine import Trainer, keep_freed_cpu_memory
 from ks_detr.errors import ConfigError
-from ks_detr.modeling.layers import transformer
+from ks_detr.modeling.layers import MSDeformAttn, transformer
 
 WORK = tempfile.mkdtemp(prefix="ks_detr_test_config_keys_")
 TRAIN, OTHER = "ks_config_keys_train", "ks_config_keys_other"  # registered below
@@ -104,6 +104,9 @@ WALK = {
                                       w("conditional", "MODEL.DETR.NUM_FEATURE_LEVELS", 2, "refused")],
     "MODEL.DETR.DEFORMABLE_POINTS": [w("deformable", "MODEL.DETR.DEFORMABLE_POINTS", 2, "model"),
                                      w("dn_detr", "MODEL.DETR.DEFORMABLE_POINTS", 2, "refused")],
+    "MODEL.DETR.DEFORMABLE_ATTN_IMPL": [w("deformable", "MODEL.DETR.DEFORMABLE_ATTN_IMPL", "pytorch", "model"),
+                                        w("deformable", "MODEL.DETR.DEFORMABLE_ATTN_IMPL", "cuda", "refused"),
+                                        w("dn_detr", "MODEL.DETR.DEFORMABLE_ATTN_IMPL", "pytorch", "refused")],
     "MODEL.DETR.POS_OFFSET": [w("conditional", "MODEL.DETR.POS_OFFSET", -0.5, "model")],
     "MODEL.DETR.HIDDEN_DIM": [w("conditional", "MODEL.DETR.HIDDEN_DIM", 64, "model")],
     "MODEL.DETR.NHEADS": [w("conditional", "MODEL.DETR.NHEADS", 4, "model")],
@@ -431,6 +434,7 @@ def probe_model(cfg):
     out = {"params": {n: (tuple(p.shape), p.stride(), p.requires_grad, p.detach().clone())
                       for n, p in model.named_parameters()},
            "buffers": {n: b.clone() for n, b in model.named_buffers()}}
+    out["deformable_attn_impl"] = [m.impl for m in model.modules() if isinstance(m, MSDeformAttn)]  # as configured
     calls, counting, original = _checkpoint_counter()
     transformer.checkpoint = counting
     try:

@@ -22,6 +22,12 @@ from .layers import (
 class DeformableDETR(DETRBase):
     """Deformable DETR; with ``MODEL.KS.ENABLED`` it trains as KS-Deformable-DETR."""
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        for m in self.modules():  # encoder, decoder and KS triple attention (all deformable families)
+            if isinstance(m, MSDeformAttn):
+                m.impl = cfg.MODEL.DETR.DEFORMABLE_ATTN_IMPL
+
     def build_input_proj(self, cfg, shapes):
         """Per level: 1x1 conv + GroupNorm of a backbone map, or a stride-2 3x3 conv (+ GroupNorm) on
         the previous level for the extra levels; and a learned embedding added to each level's positions."""

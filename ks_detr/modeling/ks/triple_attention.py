@@ -126,8 +126,8 @@ class DeformableTripleAttention(MSDeformAttn):
     TEACHER_PARTS = {"s": (), "a": (0,), "v": (1,)}  # (weights, values) taken from the teacher
     TEACHER_PARAMETERS = ("attention_weights_teacher", "value_proj_teacher")
 
-    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, mode="triple"):
-        super().__init__(d_model, n_levels, n_heads, n_points)
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, mode="triple", impl="auto"):
+        super().__init__(d_model, n_levels, n_heads, n_points, impl)
         self.streams = STREAMS[mode]
         self.observer = None
         if "a" in self.streams:
@@ -162,7 +162,7 @@ class DeformableTripleAttention(MSDeformAttn):
                                locations=dict(zip(self.streams, locations.chunk(S)))))
         if streams_in > 1:  # every stream has its own locations and values
             weights, values = stack_streams(self.streams, streams_in, student, teacher, self.TEACHER_PARTS)
-            return self.output_proj(deformable_sample(values, ctx.shapes, loc, weights))
+            return self.output_proj(deformable_sample(values, ctx.shapes, loc, weights, self.impl))
         # One incoming stream: every stream samples at the same locations, so each value map (the
         # student's V, the teacher's V') is sampled once and weighed for every stream that reads it.
         out = {}
@@ -170,5 +170,5 @@ class DeformableTripleAttention(MSDeformAttn):
             kinds = [k for k in self.streams if (1 in self.TEACHER_PARTS[k]) == reads_teacher]
             if kinds:
                 w = torch.stack([(teacher if 0 in self.TEACHER_PARTS[k] else student)[0] for k in kinds])
-                out.update(zip(kinds, deformable_sample(source[1], ctx.shapes, loc, w)))
+                out.update(zip(kinds, deformable_sample(source[1], ctx.shapes, loc, w, self.impl)))
         return self.output_proj(torch.cat([out[k] for k in self.streams]))

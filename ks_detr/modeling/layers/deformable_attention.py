@@ -1,8 +1,11 @@
-"""Multi-scale deformable attention (Zhu et al., ICLR 2021) in pure PyTorch (``grid_sample``).
+"""Multi-scale deformable attention (Zhu et al., ICLR 2021): the reference in pure PyTorch
+(``grid_sample``), and the same sampling as Triton kernels (:mod:`.triton_deformable`), chosen by
+``MODEL.DETR.DEFORMABLE_ATTN_IMPL`` (:func:`resolve_impl`).
 
 Tokens of all levels are flattened and concatenated level by level: ``(B, N, C)`` with
 N = sum(h_l * w_l); :class:`MultiScaleContext` records that layout.
 """
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -11,7 +14,11 @@ import torch.nn.functional as F
 from detectron2.layers import shapes_to_tensor
 from torch import nn
 
+from ...errors import ConfigError
 from .transformer import upcast
+
+IMPL_KEY = "MODEL.DETR.DEFORMABLE_ATTN_IMPL"
+IMPLS = ("auto", "pytorch", "triton")
 
 
 @dataclass
@@ -52,7 +59,45 @@ class MultiScaleContext:
         return cls(shapes, valid_ratios, reference_points)
 
 
-def deformable_sample(value, shapes, locations, weights):
+@functools.lru_cache(maxsize=1)
+def _triton_module():
+    """:mod:`.triton_deformable`, or the reason it cannot be used (Triton missing or broken)."""
+    try:
+        from . import triton_deformable
+    except Exception as e:  # noqa: BLE001 (ImportError, or a Triton that fails to initialise)
+        return None, f"{type(e).__name__}: {e}"
+    return triton_deformable, None
+
+
+def resolve_impl(impl, value):
+    """The implementation that samples ``value``: "pytorch" or "triton".
+
+    ``impl`` ("auto" | "pytorch" | "triton", ``MODEL.DETR.DEFORMABLE_ATTN_IMPL``): "auto" takes Triton for
+    CUDA tensors when Triton imports, and PyTorch elsewhere and while tracing, exporting or compiling
+    (``torch.jit.trace``, ``torch.export``, ``torch.compile`` see the PyTorch operators). "triton" on CPU
+    tensors needs Triton's interpreter (``TRITON_INTERPRET=1`` in the environment before Python starts) and
+    raises :class:`ConfigError` otherwise.
+    """
+    if impl == "pytorch":
+        return "pytorch"
+    if impl == "auto":
+        if not value.is_cuda or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return "pytorch"
+        return "triton" if _triton_module()[0] is not None else "pytorch"
+    if impl != "triton":
+        raise ConfigError(f"Invalid config {IMPL_KEY}={impl!r}: choose one of {IMPLS}")
+    module, why = _triton_module()
+    if module is None:
+        raise ConfigError(f"{IMPL_KEY}='triton' needs Triton (it ships with torch's CUDA wheels), which failed "
+                          f"to import ({why}): use 'auto' or 'pytorch'")
+    if not value.is_cuda and not module.interpreting():
+        raise ConfigError(f"{IMPL_KEY}='triton' needs CUDA tensors; these are on {value.device} (Triton's "
+                          "interpreter runs it on CPU, slowly, with TRITON_INTERPRET=1 in the environment before "
+                          "Python starts): use 'auto' or 'pytorch'")
+    return "triton"
+
+
+def deformable_sample(value, shapes, locations, weights, impl="pytorch"):
     """Bilinearly sample every head's value maps at the sampling locations and sum with weights.
 
     Args:
@@ -60,10 +105,13 @@ def deformable_sample(value, shapes, locations, weights):
         locations: (B, Lq, H, L, P, 2) normalised (x, y) in [0, 1] (outside reads zeros).
         weights: (B, Lq, H, L, P) attention weights, or (W, B, Lq, H, L, P): W sets of weights
             applied to the same samples (sampled once).
+        impl: "pytorch" (``grid_sample``, the reference), "triton" or "auto" (:func:`resolve_impl`).
     Returns:
         (B, Lq, H * D), or (W, B, Lq, H * D), in at least float32: 16-bit values and locations are
         sampled in float32 (a bfloat16 location near 1 is off by up to 0.2 cells of a 100-cell map).
     """
+    if impl != "pytorch" and resolve_impl(impl, value) == "triton":
+        return _triton_module()[0].triton_deformable_sample(value, shapes, locations, weights)
     B, _, H, D = value.shape
     Lq, L, P = locations.shape[1], locations.shape[3], locations.shape[4]
     grids = 2 * upcast(locations) - 1
@@ -82,11 +130,13 @@ def deformable_sample(value, shapes, locations, weights):
 class MSDeformAttn(nn.Module):
     """Each query attends to ``n_points`` learned offsets around its reference point on every level.
     Parameter names follow the official code (``sampling_offsets``, ``attention_weights``,
-    ``value_proj``, ``output_proj``)."""
+    ``value_proj``, ``output_proj``). ``impl``: how it samples (``MODEL.DETR.DEFORMABLE_ATTN_IMPL``,
+    :func:`resolve_impl`); the families set it on every deformable attention module after building."""
 
-    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, impl="auto"):
         super().__init__()
         self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+        self.impl = impl
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -139,7 +189,7 @@ class MSDeformAttn(nn.Module):
         """query (B, Lq, C), reference_points (B, Lq, L, 2), value_in (B, N, C) -> (B, Lq, C)."""
         loc = self.locations(query, reference_points, ctx)
         out = deformable_sample(self.values(value_in, padding_mask, self.value_proj), ctx.shapes, loc,
-                                self.weights(query, self.attention_weights))
+                                self.weights(query, self.attention_weights), self.impl)
         return self.output_proj(out)
 
     def forward(self, x, pos, key_padding_mask=None, ctx=None):
