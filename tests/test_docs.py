@@ -19,8 +19,9 @@ PAGES = sorted(["README.md", "MODEL_ZOO.md", "CHANGELOG.md"]
 # words of the development process, not of the software
 HISTORY = [r"\bissues? ?#?\d+", r"\bstops? \d+", r"\b(previous|earlier|this|last) stops?\b", r"\bsessions?\b",
            r"\bclosing note", r"\blanded\b"]
-# a hex word of 7-40 characters with a digit and a letter: a commit id. The reference code's pinned commits are facts.
-COMMIT = re.compile(r"\b(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b")
+# a hex word of 7-40 characters with a digit and a letter: a commit id (not a file name's hash suffix, as in
+# resnet50-0676ba61.pth). The reference code's pinned commits and the cited sources' are facts.
+COMMIT = re.compile(r"(?<![-\w])(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b")
 PINNED = {"df0f2f6", "e244e6c",  # official KS-DETR, detrex
           "8ea7c3f", "723ddb8", "ff3902a", "11169a6", "02b5c4e"}  # the sources MODEL_ZOO.md cites
 ROOTS = ("MODEL", "SOLVER", "INPUT", "DATASETS", "DATALOADER", "TEST", "OUTPUT_DIR", "SEED", "CPU_KEEP_FREED_MEMORY",
