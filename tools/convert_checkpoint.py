@@ -359,7 +359,7 @@ def convert(sd, cfg, expected, source="auto", hf_config=None):
     for what, n in sorted(counts.items()):
         log.info("%s: %d", what, n)
     if source in ("ks-detr", "detrex"):
-        log.info("to compute exactly what the %s code computes (README, \"Fidelity\"), add: %s", source,
+        log.info("to compute exactly what the %s code computes (docs/fidelity.md), add: %s", source,
                  " ".join(map(str, official_numerics(family, source))))
     return {n: out[n] for n in expected}
 
