@@ -46,8 +46,8 @@ def test_under_the_interpreter(marks):
         pytest.skip("this is the interpreter run")
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", marks,
-                          "-k", "not under_the_interpreter and not cuda and not without_interpreter and not gets_the_key", "-W",
-                          "ignore::pytest.PytestUnknownMarkWarning"],
+                          "-k", "not under_the_interpreter and not cuda and not without_interpreter and not gets_the_key "
+                          "and not compile", "-W", "ignore::pytest.PytestUnknownMarkWarning"],
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
