@@ -1,4 +1,5 @@
 """Shared helpers: configs for small CPU models, hand-made detectron2 inputs, train_net.py runs."""
+import logging
 import os
 import re
 import subprocess
@@ -66,6 +67,24 @@ def toy_inputs(sizes=((200, 250), (180, 249)), with_empty=True, seed=0):
             inst.gt_classes = torch.tensor([1, 5, 1])
         inputs.append({"image": torch.rand(3, h, w, generator=g) * 255, "instances": inst})
     return inputs
+
+
+@pytest.fixture(autouse=True)
+def isolated_process_state():
+    """Undo what a test may change process-wide: logger setup (detectron2's ``setup_logger``, called by
+    ``train_net.setup`` in-process, stops propagation, which hides records from ``caplog``), torch's thread count
+    and default dtype."""
+    loggers = {name: (lg.propagate, list(lg.handlers), lg.level, list(lg.filters), lg.disabled)
+               for name, lg in logging.Logger.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    yield
+    for name, lg in list(logging.Logger.manager.loggerDict.items()):
+        if not isinstance(lg, logging.Logger):
+            continue
+        propagate, handlers, level, filters, disabled = loggers.get(name, (True, [], logging.NOTSET, [], False))
+        lg.propagate, lg.handlers, lg.level, lg.filters, lg.disabled = propagate, handlers, level, filters, disabled
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
 
 
 @pytest.fixture

@@ -165,6 +165,7 @@ def test_export_tool_errors(tmp_path):
     assert not (tmp_path / "model.ts").exists() and not (tmp_path / "model.onnx").exists()
 
 
+@pytest.mark.slow  # 30-40 s on 2 cores
 def test_run_exported_draws_the_demos_boxes(tmp_path, trees_dataset):
     """tools/export_model.py writes model.ts and model.onnx into one folder, each with its own metadata
     file and without tracer warnings; tools/run_exported.py runs each on a photo and finds the demo's

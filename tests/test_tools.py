@@ -246,6 +246,7 @@ def test_benchmark_peak_allocated_counts_step_start_and_transients():
     assert abs(benchmark.peak_allocated_mib(runner) - (start + 32)) < 1e-3
 
 
+@pytest.mark.slow  # 30-40 s on 2 cores
 def test_side_by_side_runs_our_models_in_a_worker(tmp_path):
     """tools/side_by_side.py with only our KS-DAB and its baseline: one round, each model's step timed in the
     worker process, the KS model with the teachers' extra losses and parameters, the ratios written."""
@@ -271,6 +272,7 @@ def test_side_by_side_names_a_missing_checkout(tmp_path):
     assert r.returncode == 2 and "ours_ks_detr" in r.stderr
 
 
+@pytest.mark.slow  # 30-40 s on 2 cores
 def test_benchmark_times_ks_and_variant_each_against_the_baseline(tmp_path):
     """tools/benchmark.py end to end (quickstart model, tiny images): KS and the variant are each timed in
     their own pass beside the baseline, the paired ratios come from those passes, and the FLOP floor
@@ -317,6 +319,7 @@ for _ in range(5):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.slow  # 30-40 s on 2 cores
 def test_keep_freed_cpu_memory_spares_the_page_faults_of_later_steps():
     """CPU_KEEP_FREED_MEMORY (default on): KS train steps at 2 x 800² (activations above glibc's 32 MiB mmap
     ceiling) after the first two reuse the heap the earlier steps freed (the fewest faults of steps 3-5: 1 to
