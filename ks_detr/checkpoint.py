@@ -376,3 +376,20 @@ def load_checkpoint(path, with_teacher_keys=False):
         return sd
     teacher = checkpoint.get("teacher_only") if isinstance(checkpoint, dict) and "model" in checkpoint else None
     return sd, teacher
+
+
+def torchvision_resnet_name(name):
+    """torchvision ResNet name (``conv1.weight``, ``layer1.0.bn2.running_mean``, ...) -> detectron2's, or None."""
+    if m := re.fullmatch(r"conv1\.weight", name):
+        return "stem.conv1.weight"
+    if m := re.fullmatch(r"bn1\.(\w+)", name):
+        return f"stem.conv1.norm.{m[1]}"
+    if not (m := re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", name)):
+        return None
+    stage, rest = f"res{int(m[1]) + 1}.{m[2]}", m[3]
+    for pattern, template in ((r"conv(\d)\.weight", "conv{}.weight"), (r"bn(\d)\.(\w+)", "conv{}.norm.{}"),
+                              (r"downsample\.0\.weight", "shortcut.weight"),
+                              (r"downsample\.1\.(\w+)", "shortcut.norm.{}")):
+        if r := re.fullmatch(pattern, rest):
+            return f"{stage}.{template.format(*r.groups())}"
+    return None

@@ -14,6 +14,7 @@ import re
 
 import torch
 
+from .checkpoint import torchvision_resnet_name
 from .errors import CheckpointError
 
 FAMILIES = {"ConditionalDETR": "ConditionalDetrForObjectDetection", "DABDETR": "DabDetrForObjectDetection",
@@ -112,19 +113,7 @@ def _resnet_name(rest):
         block = f"res{int(m[1]) + 2}.{m[2]}"
         conv = "shortcut" if m[3] == "shortcut" else f"conv{int(m[4]) + 1}"
         return f"{block}.{conv}.weight" if m[5] == "convolution" else f"{block}.{conv}.norm.{m[6]}"
-    if m := re.fullmatch(r"conv1\.weight", rest):
-        return "stem.conv1.weight"
-    if m := re.fullmatch(r"bn1\.(\w+)", rest):
-        return f"stem.conv1.norm.{m[1]}"
-    if not (m := re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", rest)):
-        return None
-    stage, sub = f"res{int(m[1]) + 1}.{m[2]}", m[3]
-    for pattern, template in ((r"conv(\d)\.weight", "conv{}.weight"), (r"bn(\d)\.(\w+)", "conv{}.norm.{}"),
-                              (r"downsample\.0\.weight", "shortcut.weight"),
-                              (r"downsample\.1\.(\w+)", "shortcut.norm.{}")):
-        if r := re.fullmatch(pattern, sub):
-            return f"{stage}.{template.format(*r.groups())}"
-    return None
+    return torchvision_resnet_name(rest)
 
 
 def _ffn(rest):

@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ks_detr import load_config  # noqa: E402
 from ks_detr.config import official_numerics  # noqa: E402
-from ks_detr.checkpoint import is_teacher_only  # noqa: E402
+from ks_detr.checkpoint import is_teacher_only, torchvision_resnet_name  # noqa: E402
 from ks_detr.errors import CheckpointError, report_user_errors  # noqa: E402
 from ks_detr import transformers_layout as hf  # noqa: E402
 
@@ -120,23 +120,6 @@ def detect_layout(sd):
     raise ConversionError("unrecognised checkpoint layout (neither detrex/KS-DETR `transformer.*.attentions.*` "
                           f"nor official Conditional/DAB-DETR `transformer.decoder.layers.N.sa_*`); first keys: "
                           f"{list(sd)[:5]}")
-
-
-def torchvision_resnet_name(name):
-    """torchvision ResNet name (``conv1.weight``, ``layer1.0.bn2.running_mean``, ...) -> detectron2's, or None."""
-    if m := re.fullmatch(r"conv1\.weight", name):
-        return "stem.conv1.weight"
-    if m := re.fullmatch(r"bn1\.(\w+)", name):
-        return f"stem.conv1.norm.{m[1]}"
-    if not (m := re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", name)):
-        return None
-    stage, rest = f"res{int(m[1]) + 1}.{m[2]}", m[3]
-    for pattern, template in ((r"conv(\d)\.weight", "conv{}.weight"), (r"bn(\d)\.(\w+)", "conv{}.norm.{}"),
-                              (r"downsample\.0\.weight", "shortcut.weight"),
-                              (r"downsample\.1\.(\w+)", "shortcut.norm.{}")):
-        if r := re.fullmatch(pattern, rest):
-            return f"{stage}.{template.format(*r.groups())}"
-    return None
 
 
 def encoder_layer_name(rest):
