@@ -41,19 +41,24 @@ def is_image_name(path):
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def images_in(folder):
-    """Image files below ``folder``, recursively, in sorted order; linked folders are followed, each
-    real folder once (a link to a folder above it is not entered again)."""
-    found, seen = [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+def walk_once(base):
+    """``os.walk(base, followlinks=True)`` in sorted order, entering each real folder once (a symlink loop is
+    not followed round and round): yields (folder, its file names)."""
+    seen = set()
+    for root, dirs, files in os.walk(base, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in seen)
-        found += [os.path.join(root, f) for f in sorted(files) if is_image_name(f)]
-    return found
+        yield root, files
+
+
+def images_in(folder):
+    """Image files below ``folder``, recursively, in sorted order; linked folders are followed, each
+    real folder once (a link to a folder above it is not entered again)."""
+    return [os.path.join(root, f) for root, files in walk_once(folder) for f in sorted(files) if is_image_name(f)]
 
 
 def glob_once(pattern):
@@ -66,14 +71,7 @@ def glob_once(pattern):
     roots = sorted(glob.glob(head, recursive=True)) if glob.has_magic(head) else [head or os.curdir]
     found = []
     for base in roots:
-        seen = set()
-        for root, dirs, _ in os.walk(base, followlinks=True):
-            real = os.path.realpath(root)
-            if real in seen:
-                dirs[:] = []
-                continue
-            seen.add(real)
-            dirs.sort()
+        for root, _ in walk_once(base):
             prefix = glob.escape(root if head else os.path.relpath(root))
             found += glob_once(os.path.join(prefix, tail)) if tail else [root]
     return sorted(dict.fromkeys(found))

@@ -75,13 +75,7 @@ SCHEDULER_CONTEXT = ("SOLVER.WARMUP_ITERS", 1000)  # Base-DETR.yaml has no warm-
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is several times faster than two on a busy machine (no spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 def entry(base, changes, probe, context=()):
     """One walk step: ``changes`` {key: value} (the walked key first; the others are companions it needs)

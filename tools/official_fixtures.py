@@ -235,32 +235,33 @@ def as_double(targets):
     return [{k: v.double() if torch.is_floating_point(v) else v for k, v in t.items()} for t in targets]
 
 
-def run_official(case, double=True):
-    """One train step and one eval pass of the official case ``spec``: the fixture dict."""
+def shimmed_model(case, double=True):
+    """The official model of ``case`` (initialised in float32, so its weights are stored in float32 exactly),
+    in float64 when ``double``: the default dtype too (every tensor the code makes without one), detrex's
+    float32 position embeddings cast, and the targets given in float64."""
     import torch
-    from detectron2.utils.events import EventStorage
-    codebase, spec, _, _, overrides = CASES[case]
-    model = official_model(spec, overrides)  # initialised in float32: its weights are stored in float32 exactly
+    _, spec, _, _, overrides = CASES[case]
+    model = official_model(spec, overrides)
     if double:
-        torch.set_default_dtype(torch.float64)  # also every tensor the code makes without a dtype
+        torch.set_default_dtype(torch.float64)
         model.double()
-        for module in model.modules():  # detrex's position embeddings compute in float32 explicitly
+        for module in model.modules():
             if "PositionEmbedding" in type(module).__name__:
                 module.register_forward_hook(lambda mod, args, out: out.double())
+    prepare_targets = model.prepare_targets
+    model.prepare_targets = lambda *a, **k: as_double(prepare_targets(*a, **k))
+    return model
+
+
+def run_official(case, double=True):
+    """One train step and one eval pass of the official case: the fixture dict."""
+    import torch
+    from detectron2.utils.events import EventStorage
+    codebase = CASES[case][0]
+    model = shimmed_model(case, double)
     tensors = batch(double)
     state = {k: single(v) for k, v in model.state_dict().items()}
     seen = {}
-    criterion = model.criterion
-    forward = criterion.forward
-
-    def spy(outputs, targets, *a, **k):
-        seen["train_outputs"] = {"pred_logits": outputs["pred_logits"].detach().clone(),
-                                 "pred_boxes": outputs["pred_boxes"].detach().clone()}
-        return forward(outputs, targets, *a, **k)
-
-    criterion.forward = spy
-    prepare_targets = model.prepare_targets
-    model.prepare_targets = lambda *a, **k: as_double(prepare_targets(*a, **k))
     model.train()
     with EventStorage():
         losses = model(to_inputs(tensors))
@@ -292,18 +293,9 @@ def official_trajectory(case, state, double=True):
     from detectron2.config import LazyConfig, instantiate
     from detectron2.solver import LRMultiplier
     from detectron2.utils.events import EventStorage
-    codebase, spec, _, _, overrides = CASES[case]
-    cfg = LazyConfig.load(spec)
-    model = official_model(spec, overrides)
-    if double:
-        torch.set_default_dtype(torch.float64)
-        model.double()
-        for module in model.modules():
-            if "PositionEmbedding" in type(module).__name__:
-                module.register_forward_hook(lambda mod, args, out: out.double())
+    cfg = LazyConfig.load(CASES[case][1])
+    model = shimmed_model(case, double)
     model.load_state_dict(state)
-    prepare_targets = model.prepare_targets
-    model.prepare_targets = lambda *a, **k: as_double(prepare_targets(*a, **k))
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     scheduler = LRMultiplier(optimizer, multiplier=instantiate(cfg.lr_multiplier), max_iter=cfg.train.max_iter)
