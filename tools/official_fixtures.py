@@ -347,8 +347,16 @@ def main(argv=None):
     if args.worker:
         return worker(args.worker, args.out, not args.float32)
     roots = {"official": args.official_root, "detrex": args.detrex_root}
+    cases = args.cases.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown --cases {unknown}; choose from {list(CASES)}")
+    for codebase in {CASES[c][0] for c in cases}:
+        if not roots[codebase] or not os.path.isdir(os.path.join(roots[codebase], "detrex")):
+            p.error(f"--{codebase if codebase == 'detrex' else 'official'}-root {roots[codebase]!r} is not a "
+                    "checkout with a detrex/ package")
     os.makedirs(args.output, exist_ok=True)
-    for case in args.cases.split(","):
+    for case in cases:
         codebase = CASES[case][0]
         out = os.path.join(args.output, f"{case}.pt")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, "--out", out]
