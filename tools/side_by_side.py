@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train-step time of our KS-Conditional / KS-DAB DETR and baselines beside the official KS-DETR code and detrex.
+"""Train-step time of our KS-Conditional / KS-DAB DETR and baselines beside the official KS-DETR code and detrex,
+or (``--against transformers``) of our Conditional / DAB / Deformable DETR beside Hugging Face transformers'.
 
 Setup, once (the two codebases are read from their own checkouts, never from this package):
 
@@ -18,6 +19,17 @@ outside the timer. Every model gets the same batch (``tools/benchmark.py``'s see
 its own worker process (they register clashing names); after one warmup step per model, each round times one
 step of every model, the first model of the order moving on by one each round. Prints a table and the ratios
 (ratio of the medians, median of the per-round ratios); ``--output`` writes all samples as JSON.
+
+Against transformers (installed from requirements.txt; R50, random init, nothing downloaded):
+
+    python tools/side_by_side.py --against transformers --rounds 5 [--device cuda] [--families conditional,dab]
+
+Each family's transformers model (its ResNet-50 backbone, auxiliary loss on) is saved and converted to ours with
+``tools/convert_checkpoint.py``'s code, with the config keys it derives and transformers' loss weights: the two hold
+the same weights. Both run in this process on the same batch (ours normalises and pads it in its forward; theirs gets
+that normalised, padded tensor and its pixel mask). Per round, every model's train step (forward, loss, backward)
+and eval step (forward and top-100 post-processing) is timed, the order moving on by one each round. One extra
+train step per model is counted with ``ks_detr.op_count`` (aten operators, non-view kernels, copies, host syncs).
 """
 
 import argparse
@@ -34,7 +46,7 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)  # `import benchmark` (its seeded batch, configs, inputs) only where ours run: it imports
 # ks_detr, which the official and detrex workers must not load beside their own registrations
-BENCH_ARGS = ["--batch", "2", "--size", "512", "--boxes", "10"]
+BENCH_ARGS = ["--boxes", "10"]  # with --batch and --size
 THREADS = 2
 NUM_CLASSES = 80
 _KS = "projects/ks_detr/configs/ks_{0}_detr/ks_{0}_detr_r50_50ep"
@@ -138,6 +150,149 @@ class Worker:
             self.proc.wait()
 
 
+HF_FAMILIES = {"conditional": ("ConditionalDetr", "configs/conditional_detr_r50.yaml"),
+               "dab": ("DabDetr", "configs/dab_detr_r50.yaml"),
+               "deformable": ("DeformableDetr", "configs/deformable_detr_r50.yaml")}
+
+
+def build_transformers_pair(family, folder, num_classes, device):
+    """(transformers model, our model with the same weights) of ``family``, both random init and on ``device``."""
+    import torch
+    import transformers
+    from detectron2.modeling import build_model
+    import convert_checkpoint as cc
+    from ks_detr import load_config
+    from ks_detr import transformers_layout as hf
+    prefix, config = HF_FAMILIES[family]
+    outs = ["stage2", "stage3", "stage4"] if family == "deformable" else ["stage4"]
+    hf_cfg = getattr(transformers, f"{prefix}Config")(
+        backbone_config=transformers.ResNetConfig(out_features=outs), use_timm_backbone=False,
+        use_pretrained_backbone=False, num_labels=num_classes, auxiliary_loss=True)
+    torch.manual_seed(0)
+    theirs = getattr(transformers, f"{prefix}ForObjectDetection")(hf_cfg)
+    theirs.save_pretrained(folder)
+    sd, c, pre = hf.read_transformers(folder)
+    path = os.path.join(REPO, config)
+    opts = cc.transformers_keys(sd, path, [], c, pre)
+    opts += ["MODEL.DETR.AUX_LOSS", True, "MODEL.DETR.CLASS_WEIGHT", 1.0]  # transformers' loss (as it prints)
+    for key, theirs_key in (("COST_CLASS", "class_cost"), ("COST_BBOX", "bbox_cost"), ("COST_GIOU", "giou_cost"),
+                            ("BBOX_WEIGHT", "bbox_loss_coefficient"), ("GIOU_WEIGHT", "giou_loss_coefficient"),
+                            ("FOCAL_ALPHA", "focal_alpha")):
+        opts += [f"MODEL.DETR.{key}", float(c[theirs_key])]
+    cfg = load_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, *opts])
+    ours = build_model(cfg)
+    ours.load_state_dict(cc.convert(sd, cfg, cc.expected_state(cfg), "transformers", c))
+    processor = getattr(transformers, f"{'Deformable' if family == 'deformable' else 'Conditional'}DetrImageProcessor")()
+    return theirs.to(device), ours, processor
+
+
+class TransformersPair:
+    """One family's two models and their steps on one batch: ``step(who, phase)`` returns wall seconds."""
+
+    def __init__(self, family, tensors, device, folder):
+        import torch
+        import benchmark as bm
+        self.device = device
+        self.theirs, self.ours, self.processor = build_transformers_pair(family, folder, NUM_CLASSES, device)
+        images, boxes, classes = (t.to(device) for t in tensors)
+        self.train_inputs, self.eval_inputs = bm.to_inputs(images, boxes, classes), bm.to_inputs(images)
+        padded, pixel_mask = self.ours.preprocess_image(self.train_inputs)  # ours' normalised, padded batch
+        self.pixel_values, self.pixel_mask = padded.tensor, (~pixel_mask).long()
+        H, W = images.shape[-2:]
+        scale = torch.tensor([W, H, W, H], dtype=torch.float32, device=device)
+        self.labels = [{"class_labels": c, "boxes": torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)
+                        / scale} for b, c in zip(boxes, classes)]
+        self.sizes = [(H, W)] * len(images)
+
+    def train(self, who):
+        """Forward, the summed loss and its backward (no optimizer)."""
+        from detectron2.utils.events import EventStorage
+        if who == "ours":
+            self.ours.train()
+            with EventStorage():
+                losses = self.ours(self.train_inputs)
+                sum(losses.values()).backward()
+            self.ours.zero_grad(set_to_none=True)
+        else:
+            self.theirs.train()
+            self.theirs(pixel_values=self.pixel_values, pixel_mask=self.pixel_mask, labels=self.labels).loss.backward()
+            self.theirs.zero_grad(set_to_none=True)
+
+    def eval(self, who):
+        """Inference forward and the top-100 detections per image."""
+        import torch
+        with torch.no_grad():
+            if who == "ours":
+                self.ours.eval()(self.eval_inputs)
+            else:
+                out = self.theirs.eval()(pixel_values=self.pixel_values, pixel_mask=self.pixel_mask)
+                self.processor.post_process_object_detection(out, threshold=0.0, target_sizes=self.sizes, top_k=100)
+
+    def step(self, who, phase):
+        import torch
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        getattr(self, phase)(who)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    def count(self, who):
+        """``ks_detr.op_count`` summary of one train step."""
+        from ks_detr.op_count import OpCounter
+        with OpCounter() as counter:
+            self.train(who)
+        return counter.summary()
+
+
+def against_transformers(args):
+    """Build every family's pair, count one train step of each model, then time ``--rounds`` interleaved rounds."""
+    import torch
+    import benchmark as bm
+    torch.set_num_threads(THREADS)
+    tensors = bm.make_tensors(bm.parse_args(["--config-file", "-", "--batch", str(args.batch), "--size",
+                                             str(args.size), *BENCH_ARGS]), NUM_CLASSES)
+    families = args.families.split(",")
+    pairs = {f: TransformersPair(f, tensors, args.device, tempfile.mkdtemp(prefix=f"side_by_side_{f}_"))
+             for f in families}
+    jobs = [(f, who, phase) for f in families for who in ("ours", "theirs") for phase in ("train", "eval")]
+    for f, who, phase in jobs:  # warmup
+        pairs[f].step(who, phase)
+    counts = {f"{f}/{who}": pairs[f].count(who) for f in families for who in ("ours", "theirs")}
+    samples = {job: [] for job in jobs}
+    for r in range(args.rounds):
+        for job in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:
+            samples[job].append(pairs[job[0]].step(*job[1:]))
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    res = {}
+    for f in families:
+        row = {"counts": {who: counts[f"{f}/{who}"] for who in ("ours", "theirs")}}
+        for phase in ("train", "eval"):
+            a, b = samples[(f, "ours", phase)], samples[(f, "theirs", phase)]
+            row[phase] = {"ours_s": a, "theirs_s": b,
+                          "ratio_of_medians": statistics.median(a) / statistics.median(b),
+                          "median_of_ratios": statistics.median([x / y for x, y in zip(a, b)])}
+        res[f] = row
+    print(f"{'family':12s} {'train ours/theirs':>18s} {'eval ours/theirs':>17s}   per train step, ours | transformers: "
+          "ops, kernels, copies, syncs")
+    for f, row in res.items():
+        tr, ev = row["train"], row["eval"]
+        c = row["counts"]
+        print(f"{f:12s} {statistics.median(tr['ours_s']):7.3f}/{statistics.median(tr['theirs_s']):.3f} s "
+              f"{statistics.median(ev['ours_s']):6.3f}/{statistics.median(ev['theirs_s']):.3f} s   "
+              + " | ".join(", ".join(f"{c[w][k]:,d}" for k in ("ops", "kernels", "copies", "syncs"))
+                           for w in ("ours", "theirs")))
+        print(f"{'':12s} train ratio {tr['ratio_of_medians']:.3f} (of medians), {tr['median_of_ratios']:.3f} "
+              f"(median per round); eval ratio {ev['ratio_of_medians']:.3f}, {ev['median_of_ratios']:.3f}")
+    if args.output:
+        import transformers
+        with open(args.output, "w") as f:
+            json.dump({"families": res, "rounds": args.rounds, "device": args.device, "batch": args.batch,
+                       "size": args.size, "platform": platform.platform(), "torch": torch.__version__,
+                       "transformers": transformers.__version__, "threads": THREADS}, f, indent=1)
+
+
 def ratios(res):
     """``"a/b"`` -> (ratio of the medians, median of the per-round ratios), for every pair the table compares."""
     out = {}
@@ -156,6 +311,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--official-root", help="checkout of edocanonymous/KS-DETR (needed for official_* models)")
     p.add_argument("--detrex-root", help="checkout of IDEA-Research/detrex (needed for detrex_* models)")
+    p.add_argument("--against", choices=("official", "transformers"), default="official",
+                   help="official: the official KS-DETR code and detrex (--models); transformers: Hugging Face "
+                        "transformers' models (--families)")
+    p.add_argument("--families", default=",".join(HF_FAMILIES),
+                   help="with --against transformers: comma-separated subset of " + ", ".join(HF_FAMILIES))
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="with --against transformers")
+    p.add_argument("--batch", type=int, default=2, help="images per step")
+    p.add_argument("--size", type=int, default=512, help="square image side in pixels")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
     p.add_argument("--output", help="also write the samples and ratios here (JSON)")
@@ -165,6 +328,11 @@ def main():
     args = p.parse_args()
     if args.worker:
         return worker(args.worker, args.names.split(","), args.tensor_file)
+    if args.against == "transformers":
+        unknown = [f for f in args.families.split(",") if f not in HF_FAMILIES]
+        if unknown:
+            p.error(f"unknown --families {unknown}; choose from {list(HF_FAMILIES)}")
+        return against_transformers(args)
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -177,7 +345,8 @@ def main():
     import torch
     import benchmark as bm
     tensor_file = os.path.join(tempfile.mkdtemp(prefix="side_by_side_"), "batch.pt")
-    torch.save(bm.make_tensors(bm.parse_args(["--config-file", "-", *BENCH_ARGS]), NUM_CLASSES), tensor_file)
+    torch.save(bm.make_tensors(bm.parse_args(["--config-file", "-", "--batch", str(args.batch), "--size",
+                                              str(args.size), *BENCH_ARGS]), NUM_CLASSES), tensor_file)
     workers = {}
     try:
         for codebase in dict.fromkeys(MODELS[n][0] for n in names):
