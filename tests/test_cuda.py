@@ -1,0 +1,182 @@
+"""The detectors on a CUDA GPU (``pytest -m cuda``; ``tools/gpu_check.sh`` runs them with the GPU benchmarks).
+
+Every family, baseline and KS: one train step in float32, in float16 with the gradient scaler and in
+bfloat16 (finite, close to float32 from the same weights and batch); the KS model's eval output equals its
+exported student's; the deformable families train the same with the Triton kernels as with PyTorch's
+``grid_sample``; the student exports to TorchScript on the GPU and runs there.
+
+Each test takes the device as a parameter. The ``cuda`` cases are marked ``cuda`` and skipped without a GPU;
+one cheap ``cpu`` case per test runs the same body in the default run (the Triton one has none: on CPU the
+kernels need Triton's interpreter, tests/test_deformable_triton.py).
+"""
+import math
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from conftest import family_config, make_cfg, toy_inputs
+from ks_detr.export import ExportableDetector, build_student, export
+
+FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr", "dino"]
+DEFORMABLE = ["deformable_detr", "dn_deformable_detr", "dino"]
+CONFIGS = [family_config(f, ks) for f in FAMILIES for ks in (False, True)]
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# Small but complete models: every module of the family runs, on a ResNet-18 (its random features stay
+# bounded, |x| < 20 at res5, so float16 does not overflow).
+TINY = ("MODEL.DETR.HIDDEN_DIM", 64, "MODEL.DETR.NHEADS", 4, "MODEL.DETR.DIM_FEEDFORWARD", 64,
+        "MODEL.DETR.ENC_LAYERS", 2, "MODEL.DETR.DEC_LAYERS", 2, "MODEL.DETR.NUM_QUERIES", 20,
+        "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64)
+# 16-bit losses against float32 ones: bfloat16 rounds every operation to 2^-9 (float16 to 2^-11); the
+# losses of these models move by at most ~1e-2 relative under bfloat16 (tests/test_amp.py measures 3e-3 on
+# CPU), while a float32-critical part run in 16 bits (reference points, box refinement, sampling locations,
+# the losses) moves boxes by whole cells and their losses by far more than 5e-2. Terms near zero get 1e-3.
+RTOL, ATOL = 5e-2, 1e-3
+SCALE = 2.0**8  # the scaler's first scale: a step at it must not overflow (the step would be skipped)
+
+
+def on_devices(values, cpu_value):
+    """``(device, value)`` cases: ``cpu_value`` on the CPU (the default run's case), every value on cuda."""
+    return [pytest.param("cpu", cpu_value)] + [pytest.param("cuda", v, marks=CUDA) for v in values]
+
+
+def tiny_model(config, device, *opts):
+    torch.manual_seed(0)
+    return build_model(make_cfg(config, "MODEL.DEVICE", device, *TINY, *opts))
+
+
+def batch(model):
+    """Two small images (on the CPU, as a data loader gives them), the second without boxes."""
+    inputs = toy_inputs(sizes=((160, 192), (128, 160)))
+    for x in inputs:
+        x["instances"].gt_classes.clamp_(max=model.num_classes - 1)
+    return inputs
+
+
+class PinnedSelection:
+    """Two-stage models (DINO): forwards after :meth:`replay` select the proposals the first forward selected.
+    Top-k over near-equal random proposal scores is discontinuous: 16-bit rounding swaps some, and a swapped
+    anchor moves its output's losses by any amount; pinned, what is compared is the precision of the
+    computation. Other models: no effect."""
+
+    def __init__(self, model):
+        self.selection = getattr(model, "query_selection", None)
+        self.recorded, self.replaying = [], None
+        if self.selection is not None:
+            self.selection.topk = self.topk
+
+    def topk(self, scores):
+        if self.replaying is None:
+            self.recorded.append(type(self.selection).topk(self.selection, scores))
+            return self.recorded[-1]
+        return self.replaying.pop(0)
+
+    def replay(self):
+        self.replaying = list(self.recorded)
+
+
+def train_step(model, inputs, dtype, device):
+    """Forward (autocast to ``dtype`` unless float32), backward through a gradient scaler (enabled for float16)
+    and one AdamW step. Returns the losses, the unscaled gradients (one flat float64 vector) and the scale
+    after the step."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device, init_scale=SCALE, enabled=dtype == torch.float16)
+    torch.manual_seed(1)  # the same dropout masks and denoising noise in every run
+    with EventStorage(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        losses = model(inputs)
+    scaler.scale(sum(losses.values())).backward()
+    scaler.unscale_(optimizer)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+    scaler.step(optimizer)
+    scaler.update()
+    return {k: v.item() for k, v in losses.items()}, grads, scaler.get_scale() if scaler.is_enabled() else None
+
+
+@pytest.mark.parametrize("device, config", on_devices(CONFIGS, "configs/ks_conditional_detr_r50.yaml"))
+def test_train_step_16bit_matches_float32(device, config, one_thread):
+    # CPU float16 convolutions have no fast backward: the CPU case freezes the backbone (the transformer, where
+    # the float32-critical parts are, still trains)
+    model = tiny_model(config, device, *(("MODEL.BACKBONE.FREEZE_AT", 5) if device == "cpu" else ()))
+    inputs = batch(model)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    selection = PinnedSelection(model)
+    runs = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        model.load_state_dict(start)
+        runs[dtype] = train_step(model, inputs, dtype, device)
+        selection.replay()
+        after = [p for p in model.parameters() if p.requires_grad]
+        assert all(torch.isfinite(p).all() for p in after), dtype
+    ref, ref_grads, _ = runs[torch.float32]
+    assert all(math.isfinite(v) for v in ref.values()) and torch.isfinite(ref_grads).all()
+    for dtype in (torch.float16, torch.bfloat16):
+        losses, grads, scale = runs[dtype]
+        assert losses.keys() == ref.keys()
+        for name, value in losses.items():
+            assert math.isclose(value, ref[name], rel_tol=RTOL, abs_tol=ATOL), (dtype, name, value, ref[name])
+        assert torch.isfinite(grads).all()
+        assert torch.cosine_similarity(grads, ref_grads, 0) > 0.99, dtype  # the step points the same way
+    assert runs[torch.float16][2] == SCALE  # no overflow: the float16 step was taken, not skipped
+
+
+@pytest.mark.parametrize("device, family", on_devices(FAMILIES, "conditional_detr"))
+def test_ks_eval_equals_its_exported_student(device, family, tmp_path, one_thread):
+    """The KS model's detections equal those of the baseline loading the checkpoint's student (teacher-only
+    tensors dropped, as tools/ks_to_student.py and tools/export_model.py do)."""
+    cfg = make_cfg(family_config(family, ks=True), "MODEL.DEVICE", device, *TINY)
+    torch.manual_seed(0)
+    ks = build_model(cfg).eval()
+    path = tmp_path / "model_ks.pth"
+    torch.save({"model": ks.state_dict(), "teacher_only": sorted(ks.ks.teacher_parameter_names(ks))}, path)
+    student, dropped = build_student(cfg, str(path))
+    assert dropped > 0 and not student.ks_enabled and student.device.type == device
+    images = [{"image": x["image"]} for x in batch(ks)]
+    with torch.no_grad():
+        outs = [[r["instances"] for r in model(images)] for model in (ks, student)]
+    for a, b in zip(*outs):
+        assert len(a) == len(b) > 0
+        for field in ("pred_boxes", "scores", "pred_classes"):
+            x, y = (getattr(r, field) for r in (a, b))
+            x, y = (t.tensor if field == "pred_boxes" else t for t in (x, y))
+            assert x.device.type == device and torch.equal(x, y), field
+
+
+@pytest.mark.parametrize("config", [family_config(f, ks) for f in DEFORMABLE for ks in (False, True)])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA)])
+def test_triton_train_step_equals_pytorch(device, config):
+    """MODEL.DETR.DEFORMABLE_ATTN_IMPL triton against pytorch: the same losses and gradients from the same
+    weights and batch (float32; the kernels' backward sums with atomics, in another order than grid_sample's)."""
+    runs = {}
+    for impl in ("pytorch", "triton"):
+        model = tiny_model(config, device, "MODEL.DETR.DEFORMABLE_ATTN_IMPL", impl)
+        runs[impl] = train_step(model, batch(model), torch.float32, device)[:2]
+    (losses, grads), (ref, ref_grads) = runs["triton"], runs["pytorch"]
+    assert losses.keys() == ref.keys()
+    for name, value in losses.items():
+        assert math.isclose(value, ref[name], rel_tol=1e-4, abs_tol=1e-6), (name, value, ref[name])
+    assert ((grads - ref_grads).norm() / ref_grads.norm()).item() < 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.parametrize("device, family", on_devices(FAMILIES, "conditional_detr"))
+def test_torchscript_export_runs_on_the_device(device, family, tmp_path, one_thread):
+    """tools/export_model.py's TorchScript path traced on ``device``: the loaded file gives the eager detections
+    on the device, also for an image size other than the traced one."""
+    opts = ("MODEL.DETR.NUM_CLASSES", 1, "MODEL.DETR.NUM_TOPK_TEST", 20)  # every query is a detection
+    model = tiny_model(family_config(family), device, *opts).eval()
+    path = str(tmp_path / "model.ts")
+    g = torch.Generator().manual_seed(0)
+    export(ExportableDetector(model), (torch.rand(3, 160, 192, generator=g) * 255).to(device), "torchscript", path)
+    traced = torch.jit.load(path, map_location=device)
+    for h, w in ((160, 192), (137, 211)):
+        image = (torch.rand(3, h, w, generator=g) * 255).to(device)
+        with torch.no_grad():
+            ref = model([{"image": image}])[0]["instances"]
+            boxes, scores, classes = traced(image)
+        assert boxes.device.type == device and len(boxes) == len(ref) > 0
+        # same order: equal scores up to float rounding keep their order
+        torch.testing.assert_close(boxes, ref.pred_boxes.tensor, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(scores, ref.scores, atol=1e-5, rtol=1e-4)
+        assert torch.equal(classes, ref.pred_classes)
