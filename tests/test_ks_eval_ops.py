@@ -20,6 +20,7 @@ TINY = ("MODEL.DETR.HIDDEN_DIM", 32, "MODEL.DETR.NHEADS", 4, "MODEL.DETR.DIM_FEE
         "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64)
 FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr", "dino"]
 QUICKSTART = "configs/quickstart/ks_trees.yaml"
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 class OperatorLog(TorchDispatchMode):
@@ -34,11 +35,11 @@ class OperatorLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def ks_and_student(config, opts):
+def ks_and_student(config, opts, device="cpu"):
     """A random-init KS model of ``config`` and the baseline model built from its student config holding
-    its student weights (what tools/ks_to_student.py writes), both in eval mode."""
+    its student weights (what tools/ks_to_student.py writes), both in eval mode on ``device``."""
     torch.manual_seed(0)
-    cfg = make_cfg(config, *opts)
+    cfg = make_cfg(config, "MODEL.DEVICE", device, *opts)
     ks = build_model(cfg).eval()
     student = build_model(student_config(cfg)).eval()
     student.load_state_dict(student_state_dict(ks.state_dict(), ks.ks.teacher_parameter_names(ks)))
@@ -47,9 +48,11 @@ def ks_and_student(config, opts):
 
 
 @pytest.mark.parametrize("config", [family_config(f, ks=True) for f in FAMILIES] + [QUICKSTART])
-def test_ks_eval_dispatches_the_students_operators(config, one_thread):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_ks_eval_dispatches_the_students_operators(device, config, one_thread):
+    """On CUDA too: there the deformable families sample with the Triton kernels (``auto``)."""
     opts = ("MODEL.MOBILENET_V2.PRETRAINED", False, "MODEL.DETR.NUM_QUERIES", 12) if config == QUICKSTART else TINY
-    ks, student = ks_and_student(config, opts)
+    ks, student = ks_and_student(config, opts, device)
     g = torch.Generator().manual_seed(0)
     images = [{"image": torch.rand(3, 96, 128, generator=g) * 255}, {"image": torch.rand(3, 80, 96, generator=g) * 255}]
     runs = {}
@@ -62,4 +65,4 @@ def test_ks_eval_dispatches_the_students_operators(config, one_thread):
     assert ks_ops == ops, next(f"operator {i}: KS {a}, student {b}" for i, (a, b) in enumerate(zip(ks_ops + [None], ops + [None])) if a != b)
     for a, b in zip(ks_out, out):
         assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
-        assert torch.equal(a.pred_classes, b.pred_classes)
+        assert torch.equal(a.pred_classes, b.pred_classes) and a.scores.device.type == device
