@@ -1,4 +1,5 @@
 """Hungarian matching between predicted and ground-truth boxes (focal classification cost)."""
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -15,6 +16,21 @@ def giou(boxes1, boxes2, eps=0.0):
     union = box_area(boxes1)[:, None] + box_area(boxes2) - inter
     lo, hi = torch.min(boxes1[:, None, :2], boxes2[:, :2]), torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
     enclosing = (hi - lo).clamp(min=0).prod(-1)
+    return inter / (union + eps) - (enclosing - union) / (enclosing + eps)
+
+
+def paired_giou(boxes1, boxes2, eps=0.0):
+    """GIoU of paired xyxy boxes (N, 4) and (N, 4) -> (N,): the diagonal of :func:`giou`, computed in the same
+    order (the same values), without the (N, N) matrix."""
+    lo, hi = torch.max(boxes1[:, :2], boxes2[:, :2]), torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    wh = (hi - lo).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = box_area(boxes1) + box_area(boxes2) - inter
+    lo, hi = torch.min(boxes1[:, :2], boxes2[:, :2]), torch.max(boxes1[:, 2:], boxes2[:, 2:])
+    wh = (hi - lo).clamp(min=0)
+    enclosing = wh[:, 0] * wh[:, 1]
+    if eps == 0:
+        return inter / union - (enclosing - union) / enclosing
     return inter / (union + eps) - (enclosing - union) / (enclosing + eps)
 
 
@@ -41,15 +57,23 @@ class HungarianMatcher(nn.Module):
         """
         if pred_logits.dim() == 3:
             return self(pred_logits[None], pred_boxes[None], targets)[0]
+        return [[(torch.as_tensor(r, dtype=torch.int64), torch.as_tensor(c, dtype=torch.int64)) for r, c in pairs]
+                for pairs in self.assign(pred_logits, pred_boxes, targets)]
+
+    @torch.no_grad()
+    def assign(self, pred_logits, pred_boxes, targets, tgt_ids=None, tgt_boxes=None):
+        """:meth:`forward` of O stacked outputs (O, B, Q, K) and (O, B, Q, 4), with NumPy int64 index arrays: the
+        cost matrices of every output and image come to the host in one copy. ``tgt_ids`` (M,) and ``tgt_boxes``
+        (M, 4) are the targets' labels and boxes concatenated, if the caller has them."""
         O, B, Q, _ = pred_logits.shape
         sizes = [len(t["labels"]) for t in targets]
         if sum(sizes) == 0:
-            empty = torch.empty(0, dtype=torch.int64)
+            empty = np.empty(0, dtype=np.int64)
             return [[(empty, empty) for _ in targets] for _ in range(O)]
         prob = pred_logits.flatten(0, 2).float().sigmoid()
         boxes = pred_boxes.flatten(0, 2).float()
-        tgt_ids = torch.cat([t["labels"] for t in targets])
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()
+        tgt_ids = torch.cat([t["labels"] for t in targets]) if tgt_ids is None else tgt_ids
+        tgt_boxes = (torch.cat([t["boxes"] for t in targets]) if tgt_boxes is None else tgt_boxes).float()
 
         p = prob[:, tgt_ids]
         neg = (1 - self.alpha) * p**self.gamma * -(1 - p + 1e-8).log()
@@ -60,12 +84,7 @@ class HungarianMatcher(nn.Module):
             - self.cost_giou
             * giou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"), self.giou_eps)
         )
-        cost = cost.view(O, B, Q, -1).cpu()
-        out = []
-        for per_output in cost:
-            pairs = []
-            for i, c in enumerate(per_output.split(sizes, -1)):
-                rows, cols = linear_sum_assignment(c[i].numpy())
-                pairs.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
-            out.append(pairs)
-        return out
+        cost = cost.view(O, B, Q, -1).cpu().numpy()
+        ends = np.cumsum(sizes)
+        return [[tuple(a.astype(np.int64) for a in linear_sum_assignment(per_output[i, :, end - n : end]))
+                 for i, (n, end) in enumerate(zip(sizes, ends))] for per_output in cost]
