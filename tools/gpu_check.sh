@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, sized for about 8 minutes on one NVIDIA H200; every result lands under $OUT.
+#
+#   bash tools/gpu_check.sh                      # on the GPU machine (docs/benchmarks.md: "Running the GPU checks")
+#   GPU_CHECK_TINY=1 bash tools/gpu_check.sh     # CPU, tiny sizes: tries every step of the script here
+#
+# Steps, in this order (each under its own time limit, none past GPU_CHECK_BUDGET_S seconds in all, default 480;
+# a step that fails or times out is recorded and the next one runs):
+#   cuda_tests              pytest -m cuda on the test files that have cuda tests (cuda_tests.xml, cuda_tests.log)
+#   bench_deformable_attn   tools/bench_deformable_attn.py: PyTorch vs Triton deformable attention, 2 x 1024^2
+#   ks_eval_vs_student      eval time of KS-DN-Deformable against the same weights loaded as its student, and
+#                           against a baseline of its own random init (what tools/benchmark.py compares)
+#   benchmark_<family>      tools/benchmark.py --device cuda, KS and baseline, 2 x 1024^2, fp32, for
+#                           DN-Deformable, Conditional, DAB and Deformable DETR
+#   side_by_side            tools/side_by_side.py --against transformers --device cuda (when the tool has the flag)
+# summary.tsv lists each step's status (ok, failed rc=N, timed out, not run: budget) and seconds.
+# Environment: OUT (default output/gpu_check), PYTHON (default .venv/bin/python if present, else python3),
+# GPU_CHECK_TINY, GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (step names to run, space-separated, e.g.
+# "cuda_tests benchmark_dab_detr" to rerun those; default all). Exit status: 0 if every step that ran passed, else 1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-output/gpu_check}
+mkdir -p "$OUT"
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
+TINY=${GPU_CHECK_TINY:-0}
+STEPS=${GPU_CHECK_STEPS:-}
+START=$SECONDS
+FAILED=0
+printf 'step\tstatus\tseconds\n' > "$OUT/summary.tsv"
+
+if [ "$TINY" = 1 ]; then
+  DEVICE=cpu SIZE=128 BATCH=1 ITERS=1 WARMUP=0 ROUNDS=1 REPS=1
+  # benchmark.py overrides: a small R18 model (its memory children build the same)
+  MODEL_OPTS=(MODEL.DETR.HIDDEN_DIM 64 MODEL.DETR.NHEADS 4 MODEL.DETR.DIM_FEEDFORWARD 64 MODEL.DETR.ENC_LAYERS 2
+              MODEL.DETR.DEC_LAYERS 2 MODEL.DETR.NUM_QUERIES 20 MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64)
+else
+  DEVICE=cuda SIZE=1024 BATCH=2 ITERS=5 WARMUP=2 ROUNDS=5 REPS=10
+  MODEL_OPTS=()
+fi
+
+# step NAME LIMIT_S COMMAND...: run COMMAND with stdout+stderr in $OUT/NAME.log, killed after LIMIT_S seconds or
+# when the budget runs out, whichever comes first; one summary.tsv line
+step() {
+  local name=$1 limit=$2; shift 2
+  if [ -n "$STEPS" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
+  local left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt 20 ]; then
+    printf '%s\tnot run: budget\t0\n' "$name" >> "$OUT/summary.tsv"; echo "== $name: not run (budget spent)"; return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit}s)"
+  local t0=$SECONDS rc status
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124|137) status="timed out"; FAILED=1 ;;
+    *) status="failed rc=$rc"; FAILED=1 ;;
+  esac
+  printf '%s\t%s\t%s\n' "$name" "$status" $((SECONDS - t0)) >> "$OUT/summary.tsv"
+  echo "   $status in $((SECONDS - t0))s"; tail -n 3 "$OUT/$name.log" | cut -c1-300
+}
+
+{
+  date -u; uname -a; nvidia-smi 2>&1 | head -n 15
+  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())'
+  git log -1 --format='%H %cd' 2>/dev/null || true
+} > "$OUT/environment.txt" 2>&1
+
+CUDA_TEST_FILES=$(grep -l 'mark\.cuda' tests/test_*.py | tr '\n' ' ')
+# shellcheck disable=SC2086
+step cuda_tests 150 "$PY" -m pytest -m cuda $CUDA_TEST_FILES -q -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
+
+if [ "$DEVICE" = cuda ]; then
+  step bench_deformable_attn 60 "$PY" tools/bench_deformable_attn.py --size "$SIZE" --batch "$BATCH" --iters 10 --warmup 3
+else  # the tool needs a GPU: on CPU it must refuse with its usage status (2) and one line
+  step bench_deformable_attn 60 bash -c '"$0" tools/bench_deformable_attn.py --size 128 --iters 1 --warmup 0; test $? = 2' "$PY"
+fi
+
+step ks_eval_vs_student 60 "$PY" - "$DEVICE" "$SIZE" "$BATCH" "$REPS" "$OUT/ks_eval_vs_student.json" "${MODEL_OPTS[@]}" <<'EOF'
+"""Eval forward time of KS-DN-Deformable DETR (R50), of the same weights loaded as its student, and of the
+baseline of its own random init, interleaved on the same images; medians in ms and the ratios to the student."""
+import json, statistics, sys, time
+import torch
+from detectron2.modeling import build_model
+from ks_detr import load_config
+from ks_detr.checkpoint import student_state_dict
+from ks_detr.config import student_config
+
+device, size, batch, reps, out, opts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6:]
+cfg = load_config("configs/ks_dn_deformable_detr_r50.yaml", ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, *opts])
+torch.manual_seed(0)
+models = {"ks": build_model(cfg).eval(), "student": build_model(student_config(cfg)).eval()}
+models["student"].load_state_dict(student_state_dict(models["ks"].state_dict(), models["ks"].ks.teacher_parameter_names(models["ks"])))
+torch.manual_seed(0)
+models["own_init_baseline"] = build_model(student_config(cfg)).eval()
+g = torch.Generator().manual_seed(0)
+images = [{"image": (torch.rand(3, size, size, generator=g) * 255).to(device)} for _ in range(batch)]
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+times = {k: [] for k in models}
+for rep in range(3 + reps):
+    for name in (list(models) if rep % 2 == 0 else list(models)[::-1]):
+        sync(); t = time.perf_counter()
+        with torch.no_grad():
+            models[name](images)
+        sync()
+        if rep >= 3:
+            times[name].append(1000 * (time.perf_counter() - t))
+med = {k: statistics.median(v) for k, v in times.items()}
+report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": size, "batch": batch,
+          "median_ms": med, "over_student": {k: v / med["student"] for k, v in med.items()}, "samples_ms": times}
+print(json.dumps(report))
+with open(out, "w") as f:
+    json.dump(report, f, indent=2)
+EOF
+
+for family in dn_deformable_detr conditional_detr dab_detr deformable_detr; do
+  step "benchmark_$family" 90 "$PY" tools/benchmark.py --config-file "configs/ks_${family}_r50.yaml" --device "$DEVICE" \
+    --size "$SIZE" --batch "$BATCH" --iters "$ITERS" --warmup "$WARMUP" --output "$OUT/benchmark_$family.json" "${MODEL_OPTS[@]}"
+done
+
+if "$PY" tools/side_by_side.py --help 2>/dev/null | grep -q -- '--against'; then
+  step side_by_side 120 "$PY" tools/side_by_side.py --against transformers --device "$DEVICE" --size "$SIZE" \
+    --batch "$BATCH" --rounds "$ROUNDS" --output "$OUT/side_by_side.json"
+elif [ -z "$STEPS" ] || [[ " $STEPS " == *" side_by_side "* ]]; then
+  printf 'side_by_side\tnot run: no --against flag\t0\n' >> "$OUT/summary.tsv"
+fi
+
+echo "== done in $((SECONDS - START))s; results in $OUT"
+cat "$OUT/summary.tsv"
+exit $FAILED
