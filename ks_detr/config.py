@@ -64,7 +64,12 @@ def add_ks_detr_config(cfg):
     # cuDNN); only the summation order of the convolutions changes. The MobileNet-V2 backbone
     # (ks_detr/modeling/backbone.py) is channels-last either way, also under detectron2's detectors
     _C.CHANNELS_LAST = True
-    _C.TWO_STAGE = False  # DN-Deformable: anchors = top-k encoder proposals (query selection), own loss
+    # Deformable DETR: one class/box head per decoder layer, each layer refines the reference points (the
+    # original's and transformers' with_box_refine); the DN-Deformable family and DINO always refine
+    _C.BOX_REFINE = False
+    # anchors = top-k encoder proposals (query selection), with their own loss: DN-Deformable, DINO (required),
+    # Deformable DETR (with BOX_REFINE; class-agnostic proposals give the queries' position and content)
+    _C.TWO_STAGE = False
     _C.DN = CN()  # denoising queries (DN-DETR, DN-Deformable DETR, DINO)
     _C.DN.GROUPS = 5  # noised copies of every GT box per image (0 = off)
     _C.DN.LABEL_NOISE = 0.2  # probability of flipping a denoising query's label
@@ -305,6 +310,11 @@ def check_keys_act(cfg):
         _fail("MODEL.DETR.DN.GROUPS", d.DN.GROUPS,
               f"not read while MODEL.DETR.DN.NUM_QUERIES={d.DN.NUM_QUERIES} > 0 sets the groups (NUM_QUERIES // "
               "most boxes per image); no denoising: set both 0")
+    if "MODEL.DETR.BOX_REFINE" in changed and (not issubclass(arch, DeformableDETR)
+                                               or issubclass(arch, DNDeformableDETR)):
+        _fail("MODEL.DETR.BOX_REFINE", d.BOX_REFINE,
+              f"read by Deformable DETR only (MODEL.META_ARCHITECTURE={name}: the DN-Deformable family and DINO "
+              "always refine their boxes, the other families never)")
     if not issubclass(arch, DeformableDETR):
         for key in ("MODEL.DETR.NUM_FEATURE_LEVELS", "MODEL.DETR.DEFORMABLE_POINTS", "MODEL.DETR.DEFORMABLE_ATTN_IMPL"):
             if key in changed:

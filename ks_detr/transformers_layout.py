@@ -2,11 +2,13 @@
 ``tools/export_transformers.py``).
 
 Forms: ``ConditionalDetrForObjectDetection``, ``DabDetrForObjectDetection`` and ``DeformableDetrForObjectDetection``
-(single stage, no box refinement), with transformers' ResNet backbone (``backbone[.conv_encoder].model.embedder.*`` /
-``encoder.stages.*``) or timm's (``backbone.conv_encoder.model.conv1`` / ``layerN.*``, torchvision names). Both the
-names transformers 5 holds in memory (``self_attn.o_proj``, ``mlp.fc1``, ``encoder_attn.q_content_proj``) and the
-ones it writes (``out_proj``, ``fc1``, ``ca_qcontent_proj``, ``backbone.conv_encoder``) are read. Files are read
-with safetensors or ``torch.load(weights_only=True)``, ``config.json`` / ``preprocessor_config.json`` with ``json``.
+(single stage, ``with_box_refine`` and ``two_stage``: per-layer heads ``class_embed.i`` / ``bbox_embed.i``, also held
+as ``model.decoder.{class,bbox}_embed.i``, index ``decoder_layers`` scoring the encoder proposals), with transformers'
+ResNet backbone (``backbone[.conv_encoder].model.embedder.*`` / ``encoder.stages.*``) or timm's
+(``backbone.conv_encoder.model.conv1`` / ``layerN.*``, torchvision names). Both the names transformers 5 holds in
+memory (``self_attn.o_proj``, ``mlp.fc1``, ``encoder_attn.q_content_proj``) and the ones it writes (``out_proj``,
+``fc1``, ``ca_qcontent_proj``, ``backbone.conv_encoder``) are read. Files are read with safetensors or
+``torch.load(weights_only=True)``, ``config.json`` / ``preprocessor_config.json`` with ``json``.
 """
 import json
 import os
@@ -192,11 +194,9 @@ def transformers_family(sd, config=None):
     refused = []
     c = config or {}
     if family == "DeformableDETR":
-        if c.get("two_stage") or any(k.startswith(("model.enc_output", "model.pos_trans")) for k in keys):
-            refused.append("Deformable DETR two_stage (ours: MODEL.DETR.TWO_STAGE exists for DN-Deformable/DINO "
-                           "only)")
-        if c.get("with_box_refine") or any(k.startswith("model.decoder.bbox_embed.") for k in keys):
-            refused.append("Deformable DETR with_box_refine (per-layer heads refining the reference points)")
+        refine, two_stage = deformable_form(sd, config)
+        if two_stage and not refine:
+            refused.append("Deformable DETR two_stage without with_box_refine (transformers refuses it too)")
     if family == "DABDETR":
         if c.get("num_patterns") or "model.patterns.weight" in sd:
             refused.append(f"DAB-DETR num_patterns={c.get('num_patterns')}")
@@ -227,10 +227,32 @@ def transformers_family(sd, config=None):
     return family
 
 
-def our_name(key, family):
-    """Our name of one transformers key (``…in_proj_weight#q`` for a part of a packed projection), or None."""
+def deformable_form(sd, config=None):
+    """``(with_box_refine, two_stage)`` of a Deformable DETR checkpoint, from config.json or, without one, its keys
+    (the decoder's own box heads; the proposal projections)."""
+    c = config or {}
+    refine = bool(c.get("with_box_refine")) or any(k.startswith("model.decoder.bbox_embed.") for k in sd)
+    two_stage = bool(c.get("two_stage")) or any(k.startswith(("model.enc_output", "model.pos_trans")) for k in sd)
+    return refine, two_stage
+
+
+def decoder_layers(sd):
+    """The number of decoder layers of a transformers state dict."""
+    return len({m[1] for k in sd if (m := re.match(r"model\.decoder\.layers\.(\d+)\.", k))})
+
+
+def our_name(key, family, heads=None):
+    """Our name of one transformers key (``…in_proj_weight#q`` for a part of a packed projection), or None.
+
+    ``heads``: the decoder layers of a Deformable DETR with per-layer heads (``with_box_refine``): ``class_embed.i``
+    and ``bbox_embed.i`` (or their ``model.decoder.`` copies) are ours per layer, index ``heads`` (two-stage) the
+    proposal heads of ``query_selection``; None: heads shared by all layers."""
     deformable = family == "DeformableDETR"
     name = None
+    if heads is not None and (m := re.fullmatch(r"(?:model\.decoder\.)?(class_embed|bbox_embed)\.(\d+)\.(.+)", key)):
+        if int(m[2]) < heads:
+            return f"{m[1]}.{m[2]}.{m[3]}"
+        return f"query_selection.enc_{m[1]}.{m[3]}" if int(m[2]) == heads else None
     if m := re.fullmatch(r"model\.backbone\.(?:conv_encoder\.)?(?:model\.)?(.+)", key):
         sub = _resnet_name(m[1])
         name = sub and f"backbone.{sub}"
@@ -250,6 +272,9 @@ def our_name(key, family):
                  (r"model\.(input_proj\.\d+\.[01]\.\w+)", "{}"),
                  (r"model\.level_embed", "level_embed"),
                  (r"model\.reference_points\.(\w+)", "reference_points.{}"),
+                 (r"model\.enc_output\.(\w+)", "query_selection.enc_output.0.{}"),
+                 (r"model\.enc_output_norm\.(\w+)", "query_selection.enc_output.1.{}"),
+                 (r"model\.(pos_trans(?:_norm)?)\.(\w+)", "{}.{}"),
                  (r"(?:class_labels_classifier|class_embed(?:\.\d+)?)\.(\w+)", "class_embed.{}"),
                  (r"(?:bbox_predictor|bbox_embed(?:\.\d+)?)\.(layers\..+)", "bbox_embed.{}"))
         for pattern, template in rules:
@@ -259,16 +284,26 @@ def our_name(key, family):
     return name
 
 
+def head_layers(sd, family, config=None):
+    """The ``heads`` argument of :func:`our_name` for this checkpoint: the decoder layers with per-layer heads
+    (Deformable DETR ``with_box_refine``), else None."""
+    if family == "DeformableDETR" and deformable_form(sd, config)[0]:
+        return decoder_layers(sd)
+    return None
+
+
 def transformers_names(sd, config=None):
     """``(family, {our name: (value, source key)})``: the transformers state dict in our names (heads shared
     by all decoder layers are merged after checking the copies are equal; q/k/v projections packed into
-    ``in_proj_*``). Raises naming any key without a counterpart."""
+    ``in_proj_*``; per-layer class heads transformers stores once, tied to layer 0's, are copied to every layer).
+    Raises naming any key without a counterpart."""
     family = transformers_family(sd, config)
+    heads = head_layers(sd, family, config)
     out, unmapped, packs = {}, [], {}
     for key, value in sd.items():
         if key.endswith("num_batches_tracked"):
             continue
-        name = our_name(key, family)
+        name = our_name(key, family, heads)
         if name is None:
             unmapped.append(key)
         elif "#" in name:
@@ -283,6 +318,9 @@ def transformers_names(sd, config=None):
     if unmapped:
         raise TransformersLayoutError(f"{len(unmapped)} key(s) of the {FAMILIES[family]} checkpoint have no "
                                       "counterpart in ks-detr: " + ", ".join(unmapped[:20]))
+    for i in range(1, heads or 0):  # transformers ties class_embed.i to class_embed.0 (with_box_refine, one stage)
+        for name in [n for n in out if n.startswith("class_embed.0.")]:
+            out.setdefault(name.replace("class_embed.0.", f"class_embed.{i}.", 1), out[name])
     for target, parts in packs.items():
         if set(parts) != {"q", "k", "v"}:
             raise TransformersLayoutError(f"{target}: only {sorted(parts)} of the q/k/v projections are present")
@@ -321,8 +359,7 @@ def transformers_opts(family, names, config=None, preprocessor=None, num_classes
     """``[KEY, VALUE, ...]`` making our model of ``family`` compute what transformers computes with these weights
     (shapes from the tensors, the rest from ``config.json`` / ``preprocessor_config.json`` when given)."""
     c = config or {}
-    C = names["class_embed.weight"][0].shape[1]
-    rows = names["class_embed.weight"][0].shape[0]
+    C, rows = class_head(names).shape[1], class_head(names).shape[0]
     enc = {int(m[1]) for k in names if (m := re.match(r"encoder\.layers\.(\d+)\.", k))}
     dec = {int(m[1]) for k in names if (m := re.match(r"decoder\.layers\.(\d+)\.", k))}
     heads = c.get("encoder_attention_heads") or c.get("num_attention_heads")
@@ -332,8 +369,11 @@ def transformers_opts(family, names, config=None, preprocessor=None, num_classes
              "MODEL.DETR.DIM_FEEDFORWARD", names["encoder.layers.0.linear1.weight"][0].shape[0]]
     if heads:
         opts += ["MODEL.DETR.NHEADS", heads]
-    query = {"DABDETR": "refpoint_embed.weight"}.get(family, "query_embed.weight")
-    opts += ["MODEL.DETR.NUM_QUERIES", names[query][0].shape[0]]
+    if "pos_trans.weight" in names:  # two-stage: the top-k proposals are the queries (transformers' default 300)
+        opts += ["MODEL.DETR.NUM_QUERIES", int(c.get("two_stage_num_proposals", 300))]
+    else:
+        query = {"DABDETR": "refpoint_embed.weight"}.get(family, "query_embed.weight")
+        opts += ["MODEL.DETR.NUM_QUERIES", names[query][0].shape[0]]
     act = "prelu" if "encoder.layers.0.activation.weight" in names else c.get("activation_function", "relu")
     opts += ["MODEL.DETR.ACTIVATION", act]
     if "dropout" in c:
@@ -352,6 +392,8 @@ def transformers_opts(family, names, config=None, preprocessor=None, num_classes
             points = names["encoder.layers.0.self_attn.attention_weights.weight"][0].shape[0] // (heads * levels)
         if points:
             opts += ["MODEL.DETR.DEFORMABLE_POINTS", points]
+        opts += ["MODEL.DETR.BOX_REFINE", "class_embed.0.weight" in names,
+                 "MODEL.DETR.TWO_STAGE", "pos_trans.weight" in names]
     # what transformers computes: ours by default, set in case the config file chose the official numerics
     opts += ["MODEL.DETR.DECODER_PADDING_MASK", True, "MODEL.DETR.EVAL_PAD_LAST_PIXEL", False,
              "MODEL.DETR.BOX_LOGIT_EPS", 1e-5, "MODEL.DETR.GIOU_EPS", 0.0,
@@ -364,6 +406,11 @@ def transformers_opts(family, names, config=None, preprocessor=None, num_classes
             opts += ["MODEL.PIXEL_MEAN", [round(m * 255.0, 6) for m in mean],
                      "MODEL.PIXEL_STD", [round(s * 255.0, 6) for s in std], "INPUT.FORMAT", "RGB"]
     return opts
+
+
+def class_head(names):
+    """The (K, C) class-head weight of :func:`transformers_names`' output (shared, or layer 0's)."""
+    return (names.get("class_embed.weight") or names["class_embed.0.weight"])[0]
 
 
 def check_transformers_config(config):
@@ -447,9 +494,12 @@ def transformers_config(cfg, class_names=None):
     if family == "DABDETR":
         return transformers.DabDetrConfig(hidden_size=d.HIDDEN_DIM, temperature_height=d.POS_TEMPERATURE,
                                           temperature_width=d.POS_TEMPERATURE, **common)
+    # per-layer heads: untied (transformers 5 would otherwise share the class heads of a one-stage with_box_refine)
+    refine = dict(with_box_refine=True, two_stage=d.TWO_STAGE, two_stage_num_proposals=d.NUM_QUERIES,
+                  tie_word_embeddings=False) if d.BOX_REFINE else {}
     return transformers.DeformableDetrConfig(d_model=d.HIDDEN_DIM, num_feature_levels=d.NUM_FEATURE_LEVELS,
                                              encoder_n_points=d.DEFORMABLE_POINTS,
-                                             decoder_n_points=d.DEFORMABLE_POINTS, **common)
+                                             decoder_n_points=d.DEFORMABLE_POINTS, **refine, **common)
 
 
 def transformers_model(cfg, ours, class_names=None):
@@ -460,9 +510,10 @@ def transformers_model(cfg, ours, class_names=None):
     config = transformers_config(cfg, class_names)
     family = cfg.MODEL.META_ARCHITECTURE
     model = getattr(transformers, FAMILIES[family])(config).eval()
+    heads = cfg.MODEL.DETR.DEC_LAYERS if family == "DeformableDETR" and cfg.MODEL.DETR.BOX_REFINE else None
     state, used, unmapped = {}, set(), []
     for key, value in model.state_dict().items():
-        name = our_name(key, family)
+        name = our_name(key, family, heads)
         if name is None or name.split("#")[0] not in ours:
             unmapped.append(key)
             continue

@@ -48,6 +48,9 @@ def family(config):
 def applies(config, setting):
     """The settings each config accepts (the others are refused by load_config, tested in test_config_keys.py)."""
     ks, fam = os.path.basename(config).startswith("ks_"), family(config)
+    if fam in ("deformable_detr_refine", "deformable_detr_two_stage"):  # decoder forms: the KS encoder is Deformable's
+        return setting == "default" or (setting == "no aux loss" and not ks and fam.endswith("refine")) or (
+            setting == "teachers decode the student's proposals" and ks and fam.endswith("two_stage"))
     if setting in ("two teacher layers", "share_v", "share_a", "KS in every encoder layer"):
         return ks
     if setting == "no denoising":

@@ -35,11 +35,16 @@ def schedule_variants(configs):
 
 
 VARIANTS = schedule_variants(CONFIGS)
+# Deformable DETR's box-refine / two-stage forms: their tiny models train in test_every_parameter_trains.py and
+# test_transformers_parity.py; the full-size step with -m slow
+SLOW_FORMS = {c for c in CONFIGS if "_refine_" in c or "_two_stage_" in c}
 
 
-@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.slow) if c in VARIANTS else c for c in CONFIGS])
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.slow) if c in VARIANTS | SLOW_FORMS else c
+                                    for c in CONFIGS])
 def test_one_train_step(config):
-    """Every config (schedule variants, whose model another config builds, with ``-m slow``)."""
+    """Every config (schedule variants, whose model another config builds, and Deformable DETR's box-refine /
+    two-stage forms with ``-m slow``)."""
     torch.manual_seed(0)
     model = tame_random_backbone(build_model(make_cfg(config, *SMALL)))
     model.train()
@@ -48,7 +53,7 @@ def test_one_train_step(config):
     name = os.path.basename(config)
     ks, dn = name.startswith("ks_"), name.replace("ks_", "", 1).startswith(("dn_", "dino_"))
     n_out = 6 + (2 if ks else 0)  # 6 student layers (+ last layer of 2 teachers)
-    n_enc = (3 if ks else 1) if "dino_" in name else 0  # DINO: selected proposals of every stream
+    n_enc = (3 if ks else 1) if "dino_" in name or "two_stage" in name else 0  # proposals of every stream
     assert len(losses) == 3 * n_out * (2 if dn else 1) + 3 * n_enc  # (+ denoising losses on every output)
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -278,14 +283,21 @@ def test_teachers_decode_the_students_proposals_when_asked():
             assert torch.equal(losses["student"][k], losses["own"][k]), k
 
 
-@pytest.mark.parametrize("config,supported", [("conditional_detr_r50", False), ("dab_detr_r50", False),
-                                               ("dn_detr_r50", False), ("deformable_detr_r50", False),
-                                               ("dn_deformable_detr_r50", True), ("ks_dn_deformable_detr_r50", True)])
-def test_two_stage_only_where_implemented(config, supported):
-    """The family's capability flag decides (no list of class names): a clear error elsewhere."""
+NOT_IMPLEMENTED = "MODEL.DETR.TWO_STAGE=True: query selection is not implemented"
+NEEDS_REFINE = "MODEL.DETR.TWO_STAGE=True with MODEL.DETR.BOX_REFINE=False: Deformable DETR's two-stage form needs box"
+
+
+@pytest.mark.parametrize("config,refusal", [("conditional_detr_r50", NOT_IMPLEMENTED),
+                                            ("dab_detr_r50", NOT_IMPLEMENTED),
+                                            ("dn_detr_r50", NOT_IMPLEMENTED), ("deformable_detr_r50", NEEDS_REFINE),
+                                            ("deformable_detr_refine_r50", None), ("dn_deformable_detr_r50", None),
+                                            ("ks_dn_deformable_detr_r50", None)])
+def test_two_stage_only_where_implemented(config, refusal):
+    """The family's capability flag decides (no list of class names): a clear error elsewhere (Deformable DETR:
+    only with box refinement, as the original and transformers)."""
     cfg = make_cfg(f"configs/{config}.yaml", "MODEL.DETR.TWO_STAGE", True, *SMALL)
-    if supported:
+    if refusal is None:
         assert build_model(cfg).SUPPORTS_TWO_STAGE
     else:
-        with pytest.raises(ValueError, match="MODEL.DETR.TWO_STAGE=True: query selection is not implemented"):
+        with pytest.raises(ValueError, match=refusal):
             build_model(cfg)

@@ -1,5 +1,5 @@
-"""Hugging Face transformers' Conditional / DAB / Deformable DETR against ours (tools/convert_checkpoint.py
---source transformers, tools/export_transformers.py).
+"""Hugging Face transformers' Conditional / DAB / Deformable DETR (single stage, with_box_refine, two_stage) against
+ours (tools/convert_checkpoint.py --source transformers, tools/export_transformers.py).
 
 transformers (pinned in requirements.txt) builds tiny random models from its own config classes (transformers'
 ResNet backbone, nothing downloaded); ours loads the converted weights with the keys the converter derives:
@@ -8,6 +8,7 @@ raw logits and boxes agree to 1e-5 on a padded batch, post-processed detections 
 transformers' Conditional DETR feeds normed states forward when its auxiliary loss is on). Our students go out as
 transformers folders that ``AutoModelForObjectDetection.from_pretrained`` loads with the same detections, and come
 back bit-identical. Refused forms are named. Measured (torch 2.14.1, CPU): logits <= 7e-6, boxes <= 1.4e-6.
+transformers has no loss on two-stage proposals: there the decoder terms are compared (ours add ``*_enc`` terms).
 """
 import glob
 import logging
@@ -21,7 +22,7 @@ import torch
 from detectron2.modeling import build_model
 from PIL import Image
 
-from conftest import REPO, make_cfg, tame_random_backbone
+from conftest import REPO, make_cfg, tame_random_backbone, toy_inputs
 
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -29,11 +30,17 @@ import convert_checkpoint  # noqa: E402
 import export_transformers  # noqa: E402
 
 from ks_detr import transformers_layout as hf  # noqa: E402
+from ks_detr.checkpoint import student_state_dict  # noqa: E402
 
 TOL = 1e-5
-FORMS = {"conditional": ("ConditionalDetr", "configs/conditional_detr_r50.yaml"),
-         "dab": ("DabDetr", "configs/dab_detr_r50.yaml"),
-         "deformable": ("DeformableDetr", "configs/deformable_detr_r50.yaml")}
+# form: (transformers prefix, our config, transformers config options)
+FORMS = {"conditional": ("ConditionalDetr", "configs/conditional_detr_r50.yaml", {}),
+         "dab": ("DabDetr", "configs/dab_detr_r50.yaml", {}),
+         "deformable": ("DeformableDetr", "configs/deformable_detr_r50.yaml", {}),
+         "deformable_refine": ("DeformableDetr", "configs/deformable_detr_refine_r50.yaml", dict(with_box_refine=True)),
+         "deformable_two_stage": ("DeformableDetr", "configs/deformable_detr_two_stage_r50.yaml",
+                                  dict(with_box_refine=True, two_stage=True, two_stage_num_proposals=12))}
+REFINING = ("deformable_refine", "deformable_two_stage")
 # a ResNet-50-shaped backbone with few channels (transformers' ResNet; ours: detectron2's with these keys)
 TINY_OURS = ["MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "32",
              "MODEL.RESNETS.WIDTH_PER_GROUP", "8", "MODEL.DETR.HIDDEN_DIM", "32", "MODEL.DETR.NHEADS", "4",
@@ -42,20 +49,22 @@ TINY_OURS = ["MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CH
 
 
 def hf_config(form, **extra):
-    prefix, _ = FORMS[form]
-    out = ["stage2", "stage3", "stage4"] if form == "deformable" else ["stage4"]
+    prefix, _, options = FORMS[form]
+    out = ["stage2", "stage3", "stage4"] if prefix == "DeformableDetr" else ["stage4"]
     backbone = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[3, 4, 6, 3],
                                          layer_type="bottleneck", out_features=out)
     width = {"hidden_size": 32} if form == "dab" else {"d_model": 32}
     kw = dict(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False, encoder_layers=2,
               decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-              decoder_ffn_dim=64, num_queries=12, num_labels=5, **width)
+              decoder_ffn_dim=64, num_queries=12, num_labels=5, **width, **options)
     kw.update(extra)
     return getattr(transformers, f"{prefix}Config")(**kw)
 
 
 def random_hf_model(form, seed=0, **extra):
-    """A transformers model with random weights, batch-norm statistics and heads spread out (distinct scores)."""
+    """A transformers model with random weights, batch-norm statistics and heads spread out (distinct scores). Box
+    heads that refine the next layer's references spread less (std 0.1): at 0.3 the boxes saturate at the sigmoid's
+    ends, where inverse_sigmoid amplifies the float32 noise of the two backbones (already 7e-5 apart) to 1e-4."""
     torch.manual_seed(seed)
     model = getattr(transformers, f"{FORMS[form][0]}ForObjectDetection")(hf_config(form, **extra)).eval()
     with torch.no_grad():
@@ -67,7 +76,7 @@ def random_hf_model(form, seed=0, **extra):
                 module.bias.uniform_(-0.1, 0.1)
         for name, p in model.named_parameters():
             if any(s in name for s in ("bbox", "class", "reference", "refpoint")):
-                p.normal_(0, 0.3)
+                p.normal_(0, 0.1 if form in REFINING and "bbox" in name else 0.3)
     return model
 
 
@@ -88,7 +97,7 @@ def converted(tmp_path_factory):
     torch.set_num_threads(1)
     caplog = _ModuleCaplog()
     out = {}
-    for form, (_, config) in FORMS.items():
+    for form, (_, config, _) in FORMS.items():
         model = random_hf_model(form)
         folder = str(tmp_path_factory.mktemp(form))
         model.save_pretrained(folder)
@@ -147,6 +156,7 @@ def test_logits_and_boxes_match(converted, form):
     with torch.no_grad():
         theirs = model(pixel_values=x, pixel_mask=valid)
         logits, boxes = ours.predict(x, valid == 0)
+    assert torch.isfinite(theirs.logits).all()  # (two-stage: transformers selected no proposal off the image)
     dl, db = (theirs.logits - logits).abs().max().item(), (theirs.pred_boxes - boxes).abs().max().item()
     print(f"{form}: max |logit diff| {dl:.2e}, max |box diff| {db:.2e}")
     assert dl <= TOL and db <= TOL
@@ -154,12 +164,39 @@ def test_logits_and_boxes_match(converted, form):
 
 def test_converter_keys(converted):
     """The keys printed are the sizes of the tiny models (those differing from the R-50 configs) and
-    transformers' top 100; DAB's temperature 20 and Deformable's -0.5 offset are already in our configs."""
+    transformers' top 100; DAB's temperature 20, Deformable's -0.5 offset and the refine / two-stage switches are
+    already in our configs."""
     for form, (_, _, keys) in converted.items():
         d = dict(zip(keys[::2], keys[1::2]))
         assert d["MODEL.DETR.HIDDEN_DIM"] == "32" and d["MODEL.DETR.NHEADS"] == "4", (form, d)
         assert d["MODEL.DETR.NUM_QUERIES"] == "12" and d["MODEL.DETR.NUM_TOPK_TEST"] == "100", (form, d)
         assert d["MODEL.RESNETS.WIDTH_PER_GROUP"] == "8", (form, d)
+        assert "MODEL.DETR.BOX_REFINE" not in d and "MODEL.DETR.TWO_STAGE" not in d, (form, d)
+
+
+@pytest.mark.parametrize("form", REFINING)
+def test_deformable_forms_detected(converted, form, tmp_path):
+    """From config.json, and from the keys alone (a bare model.safetensors): the converter sets BOX_REFINE and
+    TWO_STAGE on the single-stage config; two-stage queries are config.json's two_stage_num_proposals (transformers'
+    default 300 without it). transformers stores the tied per-layer class heads of a one-stage with_box_refine once
+    (class_embed.0); ours gets a copy per layer."""
+    model = converted[form][0]
+    model.save_pretrained(str(tmp_path))
+    sd, config, _ = hf.read_transformers(str(tmp_path))
+    class_heads = [k for k in sd if "class_embed." in k and k.endswith("weight")]  # as transformers writes them
+    assert len(class_heads) == (3 if form == "deformable_two_stage" else 1), class_heads
+    plain = os.path.join(REPO, FORMS["deformable"][1])
+    for hf_cfg, queries in ((config, 12), (None, 300)):
+        d = dict(zip(*[iter(convert_checkpoint.transformers_keys(sd, plain, [], hf_cfg))] * 2))
+        assert d["MODEL.DETR.BOX_REFINE"] is True, d
+        assert d.get("MODEL.DETR.NUM_QUERIES", 300) == (12 if form == "deformable_refine" else queries), d
+        assert d.get("MODEL.DETR.TWO_STAGE", False) is (form == "deformable_two_stage"), d
+    _, names = hf.transformers_names(sd, config)
+    assert torch.equal(names["class_embed.1.weight"][0], model.class_embed[1].weight)
+    assert torch.equal(names["bbox_embed.1.layers.2.bias"][0], model.model.decoder.bbox_embed[1].layers[2].bias)
+    if form == "deformable_two_stage":
+        assert torch.equal(names["query_selection.enc_class_embed.weight"][0], model.class_embed[2].weight)
+        assert torch.equal(names["pos_trans.weight"][0], model.model.pos_trans.weight)
 
 
 def photo():
@@ -205,15 +242,17 @@ def assert_same_detections(a, b):
 def test_detections_on_a_photo(converted, form, trees_dataset):
     model, ours, _ = converted[form]
     image = photo()
-    processor = transformers.ConditionalDetrImageProcessor(do_resize=False, do_pad=False) if form != "deformable" \
-        else transformers.DeformableDetrImageProcessor(do_resize=False, do_pad=False)
+    processor = getattr(transformers, "DeformableDetrImageProcessor" if form.startswith("deformable") else
+                        "ConditionalDetrImageProcessor")(do_resize=False, do_pad=False)
     assert_same_detections(detections_hf(model, processor, image), detections_ours(ours, image))
 
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_loss_and_gradients_match(form, tmp_path, caplog):
     """Without auxiliary loss and dropout: transformers' focal/L1/GIoU loss (its class loss weighs 1) equals ours
-    with the converter's loss keys; so do the gradients of every tensor (q/k/v parts of our packed ones)."""
+    with the converter's loss keys; so do the gradients of every tensor (q/k/v parts of our packed ones; a tensor
+    transformers ties across layers, the sum of ours). Two-stage: transformers has no loss on the proposals, so
+    ours without the ``*_enc`` terms is compared (and the proposal heads get no gradient on either side)."""
     torch.set_num_threads(1)
     model = random_hf_model(form, seed=2, dropout=0.0, class_cost=2)
     model.save_pretrained(str(tmp_path))
@@ -241,28 +280,34 @@ def test_loss_and_gradients_match(form, tmp_path, caplog):
         inst.gt_classes = labels[i]["class_labels"]
         inputs.append({"image": x[i, :, :h, :w] * std + mean, "instances": inst})
     losses = ours(inputs)
-    total = sum(losses.values())
+    enc = sorted(k for k in losses if k.endswith("_enc"))
+    assert enc == (["loss_bbox_enc", "loss_class_enc", "loss_giou_enc"] if form == "deformable_two_stage" else [])
+    total = sum(v for k, v in losses.items() if k not in enc)
     total.backward()
     print(f"{form}: loss transformers {out.loss.item():.6f} ours {total.item():.6f}")
     assert abs(out.loss.item() - total.item()) <= 1e-5 * max(1.0, abs(total.item()))
-    ours_params = dict(ours.named_parameters())
     worst, compared = 0.0, 0
-    grads = {n: q.grad for n, q in ours_params.items() if q.grad is not None}
+    grads = {n: q.grad for n, q in ours.named_parameters() if q.grad is not None}
     family = hf.transformers_family(model.state_dict())
-    for key, p in model.named_parameters():
-        name = hf.our_name(key, family)
-        if p.grad is None or name.split("#")[0] not in grads:  # frozen backbone parts (which differ) are skipped
-            assert key.startswith("model.backbone."), key
+    heads = hf.head_layers(model.state_dict(), family, model.config.to_dict())
+    tied = {}  # transformers tensor -> our names of all its (tied) keys
+    for key, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(p, (key, set()))[1].add(hf.our_name(key, family, heads))
+    for p, (key, names) in tied.items():
+        mine = [hf._our_tensor(n, grads) for n in sorted(names) if n.split("#")[0] in grads]
+        if p.grad is None or not mine:  # frozen backbone parts (which differ); two-stage: the proposal heads
+            assert key.startswith("model.backbone.") or (p.grad is None and not mine), key
             continue
         compared += 1
-        mine = hf._our_tensor(name, grads)
+        mine = sum(mine)
         scale = max(1.0, p.grad.abs().max().item())
         worst = max(worst, (p.grad - mine).abs().max().item() / scale)
     print(f"{form}: max relative gradient difference {worst:.2e} over {compared} tensors")
     assert worst <= 1e-4
 
 
-@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("form", [pytest.param(f, marks=pytest.mark.slow) if f == "deformable_refine" else f
+                                  for f in FORMS])  # (the two-stage export has the refine heads too)
 def test_export_loads_in_transformers_and_round_trips(form, tmp_path, caplog, trees_dataset):
     config = FORMS[form][1]
     torch.set_num_threads(1)
@@ -271,7 +316,7 @@ def test_export_loads_in_transformers_and_round_trips(form, tmp_path, caplog, tr
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if any(s in name for s in ("bbox_embed", "class_embed", "reference_points", "refpoint")):
-                p.normal_(0, 0.3)
+                p.normal_(0, 0.1 if form in REFINING and "bbox" in name else 0.3)
     weights = str(tmp_path / "model_final.pth")
     torch.save({"model": ours.state_dict()}, weights)
     folder = str(tmp_path / "hf")
@@ -290,16 +335,45 @@ def test_export_loads_in_transformers_and_round_trips(form, tmp_path, caplog, tr
     assert all(torch.equal(back[k], original[k]) for k in original)
 
 
-def test_refused_forms(tmp_path, caplog):
-    for extra, needle in ((dict(with_box_refine=True), "with_box_refine"), (dict(with_box_refine=True, two_stage=True), "two_stage")):
-        model = getattr(transformers, "DeformableDetrForObjectDetection")(hf_config("deformable", **extra))
-        folder = str(tmp_path / needle)
-        model.save_pretrained(folder)
-        with pytest.raises(SystemExit):
-            convert(folder, FORMS["deformable"][1], caplog)
-        sd, config, _ = hf.read_transformers(folder)
-        with pytest.raises(hf.TransformersLayoutError, match=needle):
-            hf.transformers_names(sd, config)
+def test_refused_forms(converted, tmp_path, caplog):
+    """A config.json claiming two_stage without with_box_refine (transformers refuses to build it); DAB patterns."""
+    model = converted["deformable_two_stage"][0]
+    model.save_pretrained(str(tmp_path))
+    config = hf.read_side_files(str(tmp_path))[0]
+    config["with_box_refine"] = False
+    with pytest.raises(hf.TransformersLayoutError, match="two_stage without with_box_refine"):
+        hf.transformers_names({k: v for k, v in model.state_dict().items() if "decoder.bbox_embed" not in k}, config)
     model = transformers.DabDetrForObjectDetection(hf_config("dab", num_patterns=3))
     with pytest.raises(hf.TransformersLayoutError, match="num_patterns"):
         hf.transformers_names(model.state_dict(), model.config.to_dict())
+
+
+@pytest.mark.parametrize("form", REFINING)
+def test_ks_forms_train_and_evaluate_as_the_student(form):
+    """KS (triple attention in the last encoder layer) on the box-refine and two-stage forms: one train step gives
+    every parameter a gradient (two-stage: the teachers select their own proposals, each stream's get a loss), and
+    in eval the KS model detects exactly what the baseline with its student weights detects."""
+    torch.set_num_threads(1)
+    torch.manual_seed(5)
+    config = FORMS[form][1]
+    opts = (*TINY_OURS, "MODEL.DETR.NUM_CLASSES", "6")  # toy_inputs' classes 1 and 5
+    ks_model = build_model(make_cfg(config.replace("configs/", "configs/ks_"), *opts)).train()
+    from detectron2.utils.events import EventStorage
+    with EventStorage():
+        losses = ks_model(toy_inputs(((160, 200), (128, 176))))
+    assert ("loss_class_enc_ks_a" in losses) == (form == "deformable_two_stage")
+    sum(losses.values()).backward()
+    assert not [n for n, p in ks_model.named_parameters() if p.requires_grad and p.grad is None]
+    with torch.no_grad():
+        for p in ks_model.parameters():
+            if p.grad is not None:
+                p -= 1e-3 * p.grad.sign()  # off the initialisation
+    base = build_model(make_cfg(config, *opts)).eval()
+    base.load_state_dict(student_state_dict(ks_model.state_dict()), strict=True)
+    ks_model.eval()
+    images = [{"image": x["image"]} for x in toy_inputs(((176, 160), (144, 208)))]
+    with torch.no_grad():
+        for a, b in zip(ks_model(images), base(images)):
+            a, b = a["instances"], b["instances"]
+            assert len(a) == 72 and torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)
+            assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)

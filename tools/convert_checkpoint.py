@@ -12,10 +12,12 @@ Sources (``--source``, auto-detected when left out; the config gives the family)
   conditional-detr  Atten4Vis/ConditionalDETR (torchvision ResNet ``backbone.0.body.*``, 91-row class head)
   dab-detr          IDEA-Research/DAB-DETR (as Conditional DETR, plus a duplicated ``transformer.decoder.bbox_embed``)
   transformers      Hugging Face transformers' ConditionalDetrForObjectDetection, DabDetrForObjectDetection and
-                    DeformableDetrForObjectDetection (single stage): a ``save_pretrained`` folder (config.json +
+                    DeformableDetrForObjectDetection (single stage, with_box_refine, two_stage: detected from
+                    config.json or the keys): a ``save_pretrained`` folder (config.json +
                     model.safetensors or pytorch_model.bin), a .safetensors file or a state dict; timm's or
                     transformers' ResNet backbone. The model keys that make ours compute what transformers computes
-                    (sizes, position-embedding temperature/offset, backbone shape, pixel statistics, top 100) are
+                    (sizes, position-embedding temperature/offset, backbone shape, pixel statistics, top 100,
+                    MODEL.DETR.BOX_REFINE / TWO_STAGE) are
                     derived from the checkpoint and its config.json, applied, and printed (docs/transformers.md).
 
 Quirks handled (each logged): 91-row class heads (COCO category ids, row = id) -> the 80 contiguous classes of
@@ -54,7 +56,8 @@ DEFORMABLE = ("DeformableDETR", "DNDeformableDETR", "DINO")
 # Marker keys (our names; all present) -> family, checked in this order (later families' markers are shared by
 # earlier ones).
 FAMILY_MARKERS = ((("tgt_embed.weight", "decoder.norm.weight"), "DINO"), (("tgt_embed.weight",), "DNDeformableDETR"),
-                  (("reference_points.weight",), "DeformableDETR"), (("dn.label_embed.weight",), "DNDETR"),
+                  (("reference_points.weight",), "DeformableDETR"), (("pos_trans.weight",), "DeformableDETR"),
+                  (("dn.label_embed.weight",), "DNDETR"),
                   (("refpoint_embed.weight",), "DABDETR"), (("query_embed.weight",), "ConditionalDETR"))
 # Conditional / DAB decoder attention projections: detrex (attentions.{0,1}.*) -> official/ours.
 SELF_ATTN = {"query_content_proj": "sa_qcontent_proj", "query_pos_proj": "sa_qpos_proj",
@@ -240,11 +243,17 @@ def head_name(name, per_layer, num_layers):
 
 
 def remap_rows(name, value, family, K):
-    """Row quirks: 91-row COCO-id class heads -> 80 classes; K-row DN-Deformable label embedding -> K+1."""
+    """Row quirks: 91-row COCO-id class heads -> 80 classes (Deformable DETR's class-agnostic two-stage proposal
+    head keeps its first rows); K-row DN-Deformable label embedding -> K+1."""
     if re.fullmatch(r"class_embed(\.\d+)?\.(weight|bias)", name) and value.shape[0] == 91 and K == 80:
         log.info("%s: 91 COCO-id rows -> 80 contiguous classes (detectron2 COCO metadata; 11 unused rows dropped)",
                  name)
         return value[coco_category_ids()]
+    if name.startswith("query_selection.enc_class_embed.") and value.shape[0] == 91 and K == 80 \
+            and family == "DeformableDETR":
+        log.info("%s: 91 rows -> the first 80 (row 0 is the two-stage objectness the proposals are ranked by; "
+                 "the others are trained as negatives only)", name)
+        return value[:80]
     if name == "dn.label_embed.weight" and value.shape[0] == K and family == "DNDeformableDETR":
         log.info("dn.label_embed.weight: %d rows -> %d (one zero row appended for the 'unknown' label, which only "
                  "feeds padding slots that are zeroed: outputs unchanged)", K, K + 1)
@@ -270,15 +279,11 @@ def convert(sd, cfg, expected, source="auto", hf_config=None):
     per_layer = "class_embed.0.weight" in expected
     counts, unmapped, groups = Counter(), [], defaultdict(list)
 
-    hf_names = {}
     if layout == "transformers":
-        _, mapped = hf.transformers_names(sd, hf_config)
-        sd = {key: value for value, key in mapped.values()}
-        hf_names = {key: name for name, (_, key) in mapped.items()}
+        for name, (value, key) in hf.transformers_names(sd, hf_config)[1].items():
+            groups[name].append((key, value))
+        sd = {}
     for key, value in sd.items():
-        if layout == "transformers":
-            groups[hf_names[key]].append((key, value))
-            continue
         if key.endswith("num_batches_tracked") or key.startswith("criterion."):
             counts["num_batches_tracked / criterion buffers"] += 1
             continue
@@ -367,7 +372,7 @@ def transformers_keys(sd, config_file, opts, hf_config=None, preprocessor=None):
     """The ``[KEY, VALUE, ...]`` that make the config compute what transformers computes with ``sd`` (those that
     differ from ``config_file`` + ``opts``), logged as a command-line tail."""
     family, names = hf.transformers_names(sd, hf_config)
-    rows = names["class_embed.weight"][0].shape[0]
+    rows = hf.class_head(names).shape[0]
     derived = hf.transformers_opts(family, names, hf_config, preprocessor, num_classes=80 if rows == 91 else rows)
     derived = derived[2:]  # MODEL.META_ARCHITECTURE: the config file's (KS or not), checked by convert()
     for note in hf.check_transformers_config(hf_config):

@@ -5,7 +5,8 @@ preprocessor_config.json) that ``AutoModelForObjectDetection.from_pretrained`` l
     python tools/export_transformers.py --config-file configs/conditional_detr_r50.yaml \\
         output/model_final.pth hf_out/ [KEY VALUE ...]
 
-Families: Conditional DETR, DAB-DETR and Deformable DETR (single stage) with a detectron2 ResNet (exported as
+Families: Conditional DETR, DAB-DETR and Deformable DETR (single stage, ``MODEL.DETR.BOX_REFINE`` as
+``with_box_refine``, ``TWO_STAGE`` as ``two_stage``) with a detectron2 ResNet (exported as
 transformers' ResNet, no timm needed). A KS run (``ks_*.yaml`` config, checkpoint with teachers) is exported as its
 student: the teacher-only tensors are dropped as ``tools/ks_to_student.py`` does. Class names come from the
 metadata of ``DATASETS.TEST[0]`` (else LABEL_i); the image processor gets our test resize

@@ -302,7 +302,7 @@ class DETRBase(nn.Module):
             rows = slice(s * batch, (s + 1) * batch)
             suffix, weight = ("_enc", 1.0) if s == 0 else ("_enc" + self.ks.suffix(s), self.ks.teacher_weight)
             outputs.append(dict(pred_logits=enc["pred_logits"][rows], pred_boxes=enc["pred_boxes"][rows],
-                                suffix=suffix, weight=weight))
+                                suffix=suffix, weight=weight, class_agnostic=enc.get("class_agnostic", False)))
         return outputs
 
     def prepare_targets(self, batched_inputs):

@@ -43,9 +43,6 @@ class DNDeformableDETR(DeformableDETR):
         heads = [super(DNDeformableDETR, self).build_heads(cfg) for _ in range(cfg.MODEL.DETR.DEC_LAYERS)]
         return nn.ModuleList(h[0] for h in heads), nn.ModuleList(h[1] for h in heads)
 
-    def predict_logits(self, hs):
-        return torch.stack([head(h) for head, h in zip(self.class_embed, hs)])
-
     def reset_queries(self):
         """As detrex: zero content queries, uniform anchors (in sigmoid space, logits clamped to
         [-3, 3]); only the first box head starts with the -2 size bias."""
@@ -67,13 +64,7 @@ class DNDeformableDETR(DeformableDETR):
         tgt = self.content_queries(rows)
         extras = {}
         if self.two_stage:
-            # "student": the teachers decode the student's anchors; only the student's proposals get a loss
-            own = streams if streams == 1 or self.ks.teacher_proposals == "own" else 1
-            n = rows // streams * own
-            mask = None if memory_mask is None else memory_mask[:n]
-            anchors, extras["enc"] = self.query_selection(memory[:n], mask, ctx.first(n))
-            anchors = anchors.repeat(streams // own, 1, 1)
-            extras["enc"]["streams"] = own
+            anchors, extras["enc"] = self.select_proposals(memory, memory_mask, ctx, streams)
         else:
             anchors = self.refpoint_embed.weight[None].expand(rows, -1, -1)
         tgt, anchors, attn_mask, dn = self.dn.prepend(tgt, anchors, targets, streams)

@@ -37,20 +37,38 @@ class DeformableDecoderLayer(nn.Module):
         return self.norm3(tgt + self.dropout4(ffn))
 
 
+def refine_boxes(delta, reference, eps=1e-5):
+    """Boxes of a box head's output around references: ``delta`` (..., 4) logits plus the reference's logit
+    (a 2-D point moves the centre only), sigmoid, in at least float32.
+
+    delta: (..., 4); reference: (..., 2 or 4) in [0, 1] -> (..., 4) cxcywh in [0, 1]."""
+    ref = inverse_sigmoid(reference, eps)
+    if ref.shape[-1] == 2:
+        ref = torch.cat([ref, torch.zeros_like(ref)], -1)
+    return (delta + ref).sigmoid()
+
+
 class DeformableDecoder(LayerStack):
-    """Deformable DETR's decoder: fixed 2-D reference points, no box refinement, no final norm."""
+    """Deformable DETR's decoder (no final norm): the query positions stay fixed; the reference points
+    too, or with box refinement (``bbox_embeds`` given, one head per layer) layer i's head refines them
+    for layer i + 1 (detached): 2-D points become 4-D boxes after the first layer."""
 
-    def __init__(self, num_layers, *layer_args):
+    def __init__(self, num_layers, *layer_args, logit_eps=1e-5):
         super().__init__(DeformableDecoderLayer(*layer_args) for _ in range(num_layers))
+        self.logit_eps = logit_eps
 
-    def forward(self, tgt, query_pos, reference, memory, memory_mask, ctx):
-        """reference: (B, Q, 2) in [0, 1], fixed across layers -> hs (L, B, Q, C) (no final norm)."""
-        ref = reference[:, :, None] * ctx.valid_ratios[:, None]
-        hs = []
-        for layer in self.layers:
-            tgt = self.run(layer, tgt, query_pos, ref, memory, memory_mask, ctx)
+    def forward(self, tgt, query_pos, reference, memory, memory_mask, ctx, bbox_embeds=None):
+        """tgt, query_pos (B, Q, C); reference (B, Q, 2 or 4) in [0, 1] -> hs (L, B, Q, C) and the
+        reference each layer attended around, a list of L (B, Q, 2 or 4)."""
+        hs, refs = [], []
+        for i, layer in enumerate(self.layers):
+            valid = ctx.valid_ratios if reference.shape[-1] == 2 else torch.cat([ctx.valid_ratios] * 2, -1)
+            tgt = self.run(layer, tgt, query_pos, reference[:, :, None] * valid[:, None], memory, memory_mask, ctx)
             hs.append(tgt)
-        return torch.stack(hs)
+            refs.append(reference)
+            if bbox_embeds is not None:
+                reference = refine_boxes(bbox_embeds[i](tgt), reference, self.logit_eps).detach()
+        return torch.stack(hs), refs
 
 
 class DNDeformableDecoder(LayerStack):
