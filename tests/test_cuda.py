@@ -9,19 +9,23 @@ Each test takes the device as a parameter. The ``cuda`` cases are marked ``cuda`
 one cheap ``cpu`` case per test runs the same body in the default run (the Triton one has none: on CPU the
 kernels need Triton's interpreter, tests/test_deformable_triton.py).
 """
+import glob
 import math
+import os
 
 import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import family_config, make_cfg, toy_inputs
+from conftest import REPO, make_cfg, toy_inputs
 from ks_detr.export import ExportableDetector, build_student, export
 
-FAMILIES = ["conditional_detr", "dab_detr", "dn_detr", "deformable_detr", "dn_deformable_detr", "dino"]
-DEFORMABLE = ["deformable_detr", "dn_deformable_detr", "dino"]
-CONFIGS = [family_config(f, ks) for f in FAMILIES for ks in (False, True)]
+# every family and variant, KS and baseline: the R50 configs (DINO: its 4-scale 12-epoch recipe)
+KS_CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "ks_*_r50.yaml"))) \
+    + ["configs/ks_dino_r50_4scale_12ep.yaml"]
+BASELINES = [c.replace("configs/ks_", "configs/") for c in KS_CONFIGS]
+DEFORMABLE = [c for c in BASELINES + KS_CONFIGS if "deformable" in c or "dino" in c]
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 # Small but complete models: every module of the family runs, on a ResNet-18 (its random features stay
 # bounded, |x| < 20 at res5, so float16 does not overflow).
@@ -94,7 +98,7 @@ def train_step(model, inputs, dtype, device):
     return {k: v.item() for k, v in losses.items()}, grads, scaler.get_scale() if scaler.is_enabled() else None
 
 
-@pytest.mark.parametrize("device, config", on_devices(CONFIGS, "configs/ks_conditional_detr_r50.yaml"))
+@pytest.mark.parametrize("device, config", on_devices(BASELINES + KS_CONFIGS, "configs/ks_conditional_detr_r50.yaml"))
 def test_train_step_16bit_matches_float32(device, config, one_thread):
     # CPU float16 convolutions have no fast backward: the CPU case freezes the backbone (the transformer, where
     # the float32-critical parts are, still trains)
@@ -121,11 +125,11 @@ def test_train_step_16bit_matches_float32(device, config, one_thread):
     assert runs[torch.float16][2] == SCALE  # no overflow: the float16 step was taken, not skipped
 
 
-@pytest.mark.parametrize("device, family", on_devices(FAMILIES, "conditional_detr"))
-def test_ks_eval_equals_its_exported_student(device, family, tmp_path, one_thread):
+@pytest.mark.parametrize("device, config", on_devices(KS_CONFIGS, "configs/ks_conditional_detr_r50.yaml"))
+def test_ks_eval_equals_its_exported_student(device, config, tmp_path, one_thread):
     """The KS model's detections equal those of the baseline loading the checkpoint's student (teacher-only
     tensors dropped, as tools/ks_to_student.py and tools/export_model.py do)."""
-    cfg = make_cfg(family_config(family, ks=True), "MODEL.DEVICE", device, *TINY)
+    cfg = make_cfg(config, "MODEL.DEVICE", device, *TINY)
     torch.manual_seed(0)
     ks = build_model(cfg).eval()
     path = tmp_path / "model_ks.pth"
@@ -143,7 +147,7 @@ def test_ks_eval_equals_its_exported_student(device, family, tmp_path, one_threa
             assert x.device.type == device and torch.equal(x, y), field
 
 
-@pytest.mark.parametrize("config", [family_config(f, ks) for f in DEFORMABLE for ks in (False, True)])
+@pytest.mark.parametrize("config", DEFORMABLE)
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA)])
 def test_triton_train_step_equals_pytorch(device, config):
     """MODEL.DETR.DEFORMABLE_ATTN_IMPL triton against pytorch: the same losses and gradients from the same
@@ -160,12 +164,12 @@ def test_triton_train_step_equals_pytorch(device, config):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-@pytest.mark.parametrize("device, family", on_devices(FAMILIES, "conditional_detr"))
-def test_torchscript_export_runs_on_the_device(device, family, tmp_path, one_thread):
+@pytest.mark.parametrize("device, config", on_devices(BASELINES, "configs/conditional_detr_r50.yaml"))
+def test_torchscript_export_runs_on_the_device(device, config, tmp_path, one_thread):
     """tools/export_model.py's TorchScript path traced on ``device``: the loaded file gives the eager detections
     on the device, also for an image size other than the traced one."""
     opts = ("MODEL.DETR.NUM_CLASSES", 1, "MODEL.DETR.NUM_TOPK_TEST", 20)  # every query is a detection
-    model = tiny_model(family_config(family), device, *opts).eval()
+    model = tiny_model(config, device, *opts).eval()
     path = str(tmp_path / "model.ts")
     g = torch.Generator().manual_seed(0)
     export(ExportableDetector(model), (torch.rand(3, 160, 192, generator=g) * 255).to(device), "torchscript", path)
