@@ -130,7 +130,8 @@ def predict_all(args):
     bare.defrost()
     bare.MODEL.WEIGHTS = ""  # loaded below by our checked loader (one-line errors naming the file)
     predictor = DefaultPredictor(bare)
-    AtomicCheckpointer(predictor.model, allow_partial=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL).load(cfg.MODEL.WEIGHTS)
+    AtomicCheckpointer(predictor.model, allow_partial=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL,
+                       require_all=True).load(cfg.MODEL.WEIGHTS)  # no random heads in the pictures
     names = cfg.DATASETS.TEST or cfg.DATASETS.TRAIN
     metadata = MetadataCatalog.get(names[0]) if names else None
     written, failed = 0, len(failures)

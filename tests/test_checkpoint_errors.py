@@ -14,6 +14,7 @@ from detectron2.modeling import build_model
 
 from conftest import make_cfg
 from ks_detr.checkpoint import AtomicCheckpointer, MissingCheckpointError, is_teacher_only, load_eval_weights
+from ks_detr.data.datasets import datasets_root
 from ks_detr.errors import CheckpointError
 
 TRANSFORMER = ("MODEL.DETR.HIDDEN_DIM", 32, "MODEL.DETR.NHEADS", 2, "MODEL.DETR.DIM_FEEDFORWARD", 16,
@@ -327,6 +328,12 @@ def test_eval_only_refuses_heads_that_did_not_load(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == f"error: {e.value}"
     assert "Traceback" not in r.stdout + r.stderr and "copypaste" not in r.stdout
+    photo = str(datasets_root() / "trees" / "images" / "SOAP_061_0_0.jpg")
+    r = subprocess.run([sys.executable, "demo/demo.py", "--config-file", BASELINE, "--input", photo, "--output",
+                        str(tmp_path / "pictures"), *map(str, TINY), "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", path],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"error: {e.value}", r.stderr[-2000:]
+    assert not (tmp_path / "pictures").exists()  # demo/demo.py refuses the same file before drawing anything
 
 
 def test_r50_weights_offline_name_the_converter_command(tmp_path):
