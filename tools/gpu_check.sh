@@ -3,6 +3,9 @@
 #
 #   bash tools/gpu_check.sh                      # on the GPU machine (docs/benchmarks.md: "Running the GPU checks")
 #   GPU_CHECK_TINY=1 bash tools/gpu_check.sh     # CPU, tiny sizes: tries every step of the script here
+#   bash tools/gpu_check.sh --prepare            # here, before a run on a GPU machine that reaches no registry:
+#                                                # copies pytest and its pure-Python dependencies from .venv into
+#                                                # .gpu/site (the folder that carries the other dependencies)
 #
 # Steps, in this order (each under its own time limit, none past GPU_CHECK_BUDGET_S seconds in all, default 480;
 # a step that fails or times out is recorded and the next one runs):
@@ -19,6 +22,16 @@
 # "cuda_tests benchmark_dab_detr" to rerun those; default all). Exit status: 0 if every step that ran passed, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --prepare ]; then
+  site=$(ls -d .venv/lib/python3*/site-packages | head -n 1)
+  mkdir -p .gpu/site
+  for p in pytest _pytest pluggy iniconfig pygments packaging; do
+    rm -rf ".gpu/site/$p"; cp -r "$site/$p" .gpu/site/
+  done
+  find .gpu/site -name __pycache__ -type d -prune -exec rm -rf {} +
+  echo "copied pytest and its dependencies into .gpu/site ($(du -sh .gpu/site | cut -f1) in all)"
+  exit 0
+fi
 OUT=${OUT:-output/gpu_check}
 mkdir -p "$OUT"
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
