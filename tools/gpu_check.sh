@@ -83,7 +83,7 @@ step() {
 
 CUDA_TEST_FILES=$(grep -l 'mark\.cuda' tests/test_*.py | tr '\n' ' ')
 # shellcheck disable=SC2086
-step cuda_tests 150 "$PY" -m pytest -m cuda $CUDA_TEST_FILES -q -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
+step cuda_tests 210 "$PY" -m pytest -m cuda $CUDA_TEST_FILES -v -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
 
 if [ "$DEVICE" = cuda ]; then
   step bench_deformable_attn 60 "$PY" tools/bench_deformable_attn.py --size "$SIZE" --batch "$BATCH" --iters 10 --warmup 3
