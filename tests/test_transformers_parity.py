@@ -197,6 +197,18 @@ def test_deformable_forms_detected(converted, form, tmp_path):
     if form == "deformable_two_stage":
         assert torch.equal(names["query_selection.enc_class_embed.weight"][0], model.class_embed[2].weight)
         assert torch.equal(names["pos_trans.weight"][0], model.model.pos_trans.weight)
+        return
+    # the original code's (and the hub's) layout: every layer's class head stored, distinct; transformers then
+    # leaves them untied, and so do we
+    from safetensors.torch import save_file
+    full = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    full["class_embed.1.weight"] = torch.randn_like(full["class_embed.1.weight"])
+    save_file(full, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = transformers.DeformableDetrForObjectDetection.from_pretrained(str(tmp_path))
+    _, names = hf.transformers_names(*hf.read_transformers(str(tmp_path))[:2])
+    for i in range(2):
+        assert torch.equal(names[f"class_embed.{i}.weight"][0], loaded.class_embed[i].weight)
+    assert not torch.equal(loaded.class_embed[0].weight, loaded.class_embed[1].weight)
 
 
 def photo():
