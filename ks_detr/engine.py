@@ -12,7 +12,8 @@
 - Preemption: SIGTERM / SIGUSR1 / SIGUSR2 save a checkpoint after the current step on every
   process, hand the signal to the handler installed before (submitit's requeue), and exit.
 - History across ``--resume``: ``wall_minutes`` continues from the checkpoint's; the rows of
-  ``metrics.json`` written after the checkpoint (trained again now) are dropped; a finished run is
+  ``metrics.json`` written after the checkpoint (trained again now) are dropped, and TensorBoard is told to
+  hide those steps of the earlier event files (``purge_step``); a finished run is
   left as it is; a run whose last iteration is trained but whose end (``model_final.pth``, final
   evaluation) is missing gets only that end, never an iteration past ``SOLVER.MAX_ITER``.
 - Progress lines: ``total_loss``, ``student_loss`` and (KS) ``teacher_loss`` (sums of the loss
@@ -27,6 +28,7 @@ import signal
 import threading
 import time
 import weakref
+from functools import cached_property
 
 import torch
 from detectron2.data import build_detection_test_loader
@@ -34,7 +36,7 @@ from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer, TrainerBa
 from detectron2.engine.hooks import PeriodicWriter
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter, EventStorage, get_event_storage
+from detectron2.utils.events import CommonMetricPrinter, EventStorage, TensorboardXWriter, get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import AtomicCheckpointer, checkpoint_problem
@@ -193,6 +195,21 @@ class LossSumPrinter(CommonMetricPrinter):
             super().write()
         finally:
             del storage.histories
+
+
+class ResumingTensorboardWriter(TensorboardXWriter):
+    """detectron2's TensorBoard writer; in a resumed run its events file starts with a purge at the
+    first iteration trained again, so TensorBoard hides what the earlier files hold from that step on."""
+
+    def __init__(self, log_dir, trainer):
+        super().__init__(log_dir)
+        self._run = weakref.proxy(trainer)
+
+    @cached_property
+    def _writer(self):  # made at the first write, after resume_or_load has set start_iter
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(**self._writer_args, purge_step=self._run.start_iter or None)
 
 
 class StepSeed(HookBase):
@@ -392,7 +409,9 @@ class Trainer(DefaultTrainer):
         return ([StepSeed()] + hooks[:writer] + [self._wall_clock, LossSums()] + hooks[writer:] + [Preemption()])
 
     def build_writers(self):
-        return [LossSumPrinter(self.max_iter) if type(w) is CommonMetricPrinter else w for w in super().build_writers()]
+        swap = {CommonMetricPrinter: lambda w: LossSumPrinter(self.max_iter),
+                TensorboardXWriter: lambda w: ResumingTensorboardWriter(self.cfg.OUTPUT_DIR, self)}
+        return [swap.get(type(w), lambda w: w)(w) for w in super().build_writers()]
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO
 from ks_detr.checkpoint import AtomicCheckpointer, checkpoint_problem
@@ -242,7 +243,8 @@ def copy_run(src, dst):
 def test_resume_continues_the_wall_clock_and_drops_rows_after_the_checkpoint(tmp_path, finished_run):
     """Resuming the 3-iteration run with MAX_ITER 5: wall_minutes goes on from the checkpoint's (it was
     restarting at 0), the old final row (iteration 3, after the checkpoint of iteration 2) is replaced,
-    iterations strictly increase and wall_minutes never decreases."""
+    iterations strictly increase and wall_minutes never decreases; TensorBoard shows the old final
+    evaluation no more."""
     out = copy_run(finished_run, tmp_path / "run")
     saved = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["trainer"]["wall_minutes"]
     rc, log = run_history(out, 5, "--resume")
@@ -253,6 +255,11 @@ def test_resume_continues_the_wall_clock_and_drops_rows_after_the_checkpoint(tmp
     iterations, minutes = [r["iteration"] for r in rows], [r["wall_minutes"] for r in rows]
     assert iterations == [2, 4, 5], iterations
     assert minutes == sorted(minutes) and minutes[1] > saved > 0, minutes
+    events = EventAccumulator(str(out))  # TensorBoard's own reader of the run folder (both events files)
+    events.Reload()
+    assert len(list(out.glob("events.out.tfevents.*"))) == 2
+    assert [e.step for e in events.Scalars("bbox/AP")] == [5]  # the first run's final evaluation (step 3) is hidden
+    assert [e.step for e in events.Scalars("total_loss")] == [2, 4]
 
 
 def test_resume_of_a_finished_run_changes_nothing(tmp_path, finished_run):
