@@ -102,7 +102,6 @@ def get_parser():
 
 if __name__ == "__main__":
     args = get_parser().parse_args()
-    print("Command Line Args:", args)
     if args.num_gpus * args.num_machines > 1:
         forward_signals_to_workers()
         os.environ[ERROR_FILE_ENV] = os.path.join(tempfile.mkdtemp(prefix="ks_detr_"), "error.txt")
