@@ -218,13 +218,16 @@ class DETRBase(nn.Module):
         padding; with ``MODEL.DETR.EVAL_PAD_LAST_PIXEL`` in eval also each image's last row and column,
         as the official Conditional/DAB/DN-DETR eval)."""
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
-        B, _, H, W = images.tensor.shape
-        mask = torch.ones(B, H, W, dtype=torch.bool, device=self.device)
+        sizes = [tuple(x.shape[-2:]) for x in images]
+        d = max(self.backbone.size_divisibility, 1)  # the padded size from Python ints: no host round trip
+        H, W = (-(-max(s[k] for s in sizes) // d) * d for k in (0, 1))
+        padded = images[0].new_zeros(len(images), images[0].shape[0], H, W)
+        mask = torch.ones(len(images), H, W, dtype=torch.bool, device=self.device)
         last = 1 if self.eval_pad_last_pixel and not self.training else 0
-        for i, (h, w) in enumerate(images.image_sizes):
+        for i, (x, (h, w)) in enumerate(zip(images, sizes)):
+            padded[i, :, :h, :w].copy_(x)
             mask[i, : h - last, : w - last] = False
-        return images, mask
+        return ImageList(padded, sizes), mask
 
     def forward(self, batched_inputs):
         """detectron2 interface: list of dicts with "image" (3, H, W) (and "instances" in training).

@@ -27,9 +27,7 @@ def box_canvas(boxes_per_image, image_sizes, padded_size, pad_pixels=0):
         y1 = (xyxy[:, 1] - pad_pixels).clamp(0, h)
         x2 = (xyxy[:, 2] + pad_pixels).clamp(0, w)
         y2 = (xyxy[:, 3] + pad_pixels).clamp(0, h)
-        keep = (x2 > x1) & (y2 > y1)
-        x1, y1, x2, y2 = x1[keep], y1[keep], x2[keep], y2[keep]
-        one = torch.ones_like(x1, dtype=diff.dtype)
+        one = ((x2 > x1) & (y2 > y1)).to(diff.dtype)  # empty boxes add zeros (no boolean indexing: no host sync)
         for ys, xs, sign in ((y1, x1, 1), (y1, x2, -1), (y2, x1, -1), (y2, x2, 1)):
             diff[b].index_put_((ys, xs), sign * one, accumulate=True)
     return (diff.cumsum(1).cumsum(2)[:, :H, :W] > 0).to(torch.float32)
