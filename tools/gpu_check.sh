@@ -43,12 +43,12 @@ FAILED=0
 printf 'step\tstatus\tseconds\n' > "$OUT/summary.tsv"
 
 if [ "$TINY" = 1 ]; then
-  DEVICE=cpu SIZE=128 BATCH=1 ITERS=1 WARMUP=0 ROUNDS=1 REPS=1
+  DEVICE=cpu SIZE=128 BATCH=1 ITERS=1 WARMUP=0 ROUNDS=1 REPS=1 SIDE_FAMILIES=conditional
   # benchmark.py overrides: a small R18 model (its memory children build the same)
   MODEL_OPTS=(MODEL.DETR.HIDDEN_DIM 64 MODEL.DETR.NHEADS 4 MODEL.DETR.DIM_FEEDFORWARD 64 MODEL.DETR.ENC_LAYERS 2
               MODEL.DETR.DEC_LAYERS 2 MODEL.DETR.NUM_QUERIES 20 MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64)
 else
-  DEVICE=cuda SIZE=1024 BATCH=2 ITERS=5 WARMUP=2 ROUNDS=5 REPS=10
+  DEVICE=cuda SIZE=1024 BATCH=2 ITERS=5 WARMUP=2 ROUNDS=5 REPS=10 SIDE_FAMILIES=conditional,dab,deformable
   MODEL_OPTS=()
 fi
 
@@ -134,8 +134,8 @@ for family in dn_deformable_detr conditional_detr dab_detr deformable_detr; do
 done
 
 if "$PY" tools/side_by_side.py --help 2>/dev/null | grep -q -- '--against'; then
-  step side_by_side 120 "$PY" tools/side_by_side.py --against transformers --device "$DEVICE" --size "$SIZE" \
-    --batch "$BATCH" --rounds "$ROUNDS" --output "$OUT/side_by_side.json"
+  step side_by_side 150 "$PY" tools/side_by_side.py --against transformers --device "$DEVICE" --size "$SIZE" \
+    --batch "$BATCH" --rounds "$ROUNDS" --families "$SIDE_FAMILIES" --output "$OUT/side_by_side.json"
 elif [ -z "$STEPS" ] || [[ " $STEPS " == *" side_by_side "* ]]; then
   printf 'side_by_side\tnot run: no --against flag\t0\n' >> "$OUT/summary.tsv"
 fi
