@@ -116,7 +116,7 @@ def test_train_step_16bit_matches_float32(device, config, one_thread):
     ref, ref_grads, _ = runs[torch.float32]
     assert all(math.isfinite(v) for v in ref.values()) and torch.isfinite(ref_grads).all()
     for dtype in (torch.float16, torch.bfloat16):
-        losses, grads, scale = runs[dtype]
+        losses, grads, _ = runs[dtype]
         assert losses.keys() == ref.keys()
         for name, value in losses.items():
             assert math.isclose(value, ref[name], rel_tol=RTOL, abs_tol=ATOL), (dtype, name, value, ref[name])
