@@ -85,6 +85,8 @@ SAFE_TRACE_BRANCHES = (
     ("query_selection.py", "N < self.num_queries"),  # a config check (enough tokens for the queries)
     ("layers/transformer.py", "v.shape[-1] < q.shape[-1]"),  # head sizes: fixed per model
     ("modeling/dn_deformable_detr.py", "zip(self."),  # one head per decoder layer: a fixed count
+    ("modeling/deformable_detr.py", "zip(self."),  # the same (box refinement)
+    ("layers/deformable_decoder.py", "shape[-1] == 2"),  # 2-D points in layer 0, boxes after: fixed per model
     ("modeling/detr.py", "min(self.num_topk, Q * K)"),  # queries x classes: fixed per model
 )
 QUIET_MESSAGES = ("`torch.jit.trace` is deprecated", "`torch.jit.trace_method` is deprecated",
