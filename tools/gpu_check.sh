@@ -12,10 +12,12 @@
 #   cuda_tests              pytest -m cuda on the test files that have cuda tests (cuda_tests.xml, cuda_tests.log)
 #   bench_deformable_attn   tools/bench_deformable_attn.py: PyTorch vs Triton deformable attention, 2 x 1024^2
 #   ks_eval_vs_student      eval time of KS-DN-Deformable against the same weights loaded as its student, and
-#                           against a baseline of its own random init (what tools/benchmark.py compares)
+#                           against a baseline of its own random init (what tools/benchmark.py compares), evals
+#                           back to back and each right after a train step of the same model
 #   benchmark_<family>      tools/benchmark.py --device cuda, KS and baseline, 2 x 1024^2, fp32, for
-#                           DN-Deformable, Conditional, DAB and Deformable DETR
+#                           DN-Deformable, Conditional and DAB DETR
 #   side_by_side            tools/side_by_side.py --against transformers --device cuda (when the tool has the flag)
+#   benchmark_deformable_detr   the same for Deformable DETR
 # summary.tsv lists each step's status (ok, failed rc=N, timed out, not run: budget) and seconds.
 # Environment: OUT (default output/gpu_check), PYTHON (default .venv/bin/python if present, else python3),
 # GPU_CHECK_TINY, GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (step names to run, space-separated, e.g.
@@ -91,47 +93,74 @@ else  # the tool needs a GPU: on CPU it must refuse with its usage status (2) an
   step bench_deformable_attn 60 bash -c '"$0" tools/bench_deformable_attn.py --size 128 --iters 1 --warmup 0; test $? = 2' "$PY"
 fi
 
-step ks_eval_vs_student 60 "$PY" - "$DEVICE" "$SIZE" "$BATCH" "$REPS" "$OUT/ks_eval_vs_student.json" "${MODEL_OPTS[@]}" <<'EOF'
+step ks_eval_vs_student 90 "$PY" - "$DEVICE" "$SIZE" "$BATCH" "$REPS" "$OUT/ks_eval_vs_student.json" "${MODEL_OPTS[@]}" <<'EOF'
 """Eval forward time of KS-DN-Deformable DETR (R50), of the same weights loaded as its student, and of the
-baseline of its own random init, interleaved on the same images; medians in ms and the ratios to the student."""
+baseline of its own random init, on the same images, the models taking turns: "eval_only" (evals back to back) and
+"after_train" (each eval right after a train forward + backward of the same model, as tools/benchmark.py times it;
+no optimizer step, so the weights stay equal). Medians in ms and the ratios to the student."""
 import json, statistics, sys, time
 import torch
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 from ks_detr import load_config
 from ks_detr.checkpoint import student_state_dict
 from ks_detr.config import student_config
+sys.path.insert(0, "tools")
+import benchmark as bm
 
 device, size, batch, reps, out, opts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6:]
 cfg = load_config("configs/ks_dn_deformable_detr_r50.yaml", ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, *opts])
 torch.manual_seed(0)
-models = {"ks": build_model(cfg).eval(), "student": build_model(student_config(cfg)).eval()}
+models = {"ks": build_model(cfg), "student": build_model(student_config(cfg))}
 models["student"].load_state_dict(student_state_dict(models["ks"].state_dict(), models["ks"].ks.teacher_parameter_names(models["ks"])))
 torch.manual_seed(0)
-models["own_init_baseline"] = build_model(student_config(cfg)).eval()
-g = torch.Generator().manual_seed(0)
-images = [{"image": (torch.rand(3, size, size, generator=g) * 255).to(device)} for _ in range(batch)]
+models["own_init_baseline"] = build_model(student_config(cfg))
+args = bm.parse_args(["--config-file", "-", "--batch", str(batch), "--size", str(size)])
+images, boxes, classes = (t.to(device) for t in bm.make_tensors(args, cfg.MODEL.DETR.NUM_CLASSES))
+train_inputs, eval_inputs = bm.to_inputs(images, boxes, classes), bm.to_inputs(images)
 sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-times = {k: [] for k in models}
-for rep in range(3 + reps):
-    for name in (list(models) if rep % 2 == 0 else list(models)[::-1]):
-        sync(); t = time.perf_counter()
-        with torch.no_grad():
-            models[name](images)
-        sync()
-        if rep >= 3:
-            times[name].append(1000 * (time.perf_counter() - t))
-med = {k: statistics.median(v) for k, v in times.items()}
-report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": size, "batch": batch,
-          "median_ms": med, "over_student": {k: v / med["student"] for k, v in med.items()}, "samples_ms": times}
-print(json.dumps(report))
+
+
+def train(model):
+    model.train()
+    with EventStorage():
+        sum(model(train_inputs).values()).backward()
+    model.zero_grad(set_to_none=True)
+    sync()
+
+
+def timed_eval(model):
+    model.eval()
+    sync()
+    t = time.perf_counter()
+    with torch.no_grad():
+        model(eval_inputs)
+    sync()
+    return 1000 * (time.perf_counter() - t)
+
+
+report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": size, "batch": batch}
+for phase in ("eval_only", "after_train"):
+    times = {k: [] for k in models}
+    for rep in range(2 + reps):
+        for name in (list(models) if rep % 2 == 0 else list(models)[::-1]):
+            if phase == "after_train":
+                train(models[name])
+            ms = timed_eval(models[name])
+            if rep >= 2:
+                times[name].append(ms)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    report[phase] = {"median_ms": med, "over_student": {k: v / med["student"] for k, v in med.items()}, "samples_ms": times}
+print(json.dumps({k: v["over_student"] if isinstance(v, dict) else v for k, v in report.items()}))
 with open(out, "w") as f:
     json.dump(report, f, indent=2)
 EOF
 
-for family in dn_deformable_detr conditional_detr dab_detr deformable_detr; do
-  step "benchmark_$family" 90 "$PY" tools/benchmark.py --config-file "configs/ks_${family}_r50.yaml" --device "$DEVICE" \
-    --size "$SIZE" --batch "$BATCH" --iters "$ITERS" --warmup "$WARMUP" --output "$OUT/benchmark_$family.json" "${MODEL_OPTS[@]}"
-done
+benchmark() {
+  step "benchmark_$1" 90 "$PY" tools/benchmark.py --config-file "configs/ks_$1_r50.yaml" --device "$DEVICE" \
+    --size "$SIZE" --batch "$BATCH" --iters "$ITERS" --warmup "$WARMUP" --output "$OUT/benchmark_$1.json" "${MODEL_OPTS[@]}"
+}
+for family in dn_deformable_detr conditional_detr dab_detr; do benchmark "$family"; done
 
 if "$PY" tools/side_by_side.py --help 2>/dev/null | grep -q -- '--against'; then
   step side_by_side 150 "$PY" tools/side_by_side.py --against transformers --device "$DEVICE" --size "$SIZE" \
@@ -139,6 +168,7 @@ if "$PY" tools/side_by_side.py --help 2>/dev/null | grep -q -- '--against'; then
 elif [ -z "$STEPS" ] || [[ " $STEPS " == *" side_by_side "* ]]; then
   printf 'side_by_side\tnot run: no --against flag\t0\n' >> "$OUT/summary.tsv"
 fi
+benchmark deformable_detr  # last: side_by_side times Deformable DETR too
 
 echo "== done in $((SECONDS - START))s; results in $OUT"
 cat "$OUT/summary.tsv"
