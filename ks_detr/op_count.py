@@ -12,7 +12,8 @@ What is counted (forward and backward alike; the autograd engine carries the mod
 
 - ``ops``: every aten operator that reaches the dispatcher below autograd (composite operators such as
   ``linear`` arrive decomposed, so two codebases are compared on equal terms);
-- ``kernels``: ``ops`` less the views (operators returning an alias of an input without writing it);
+- ``kernels``: ``ops`` less those that launch no kernel on a GPU: views (an alias of an input, not written) and
+  operators that return no tensor (``promote_types``);
 - ``copies``: ``aten.copy_``, ``aten._to_copy`` (dtype or device conversions) and ``aten.clone`` (``.contiguous()``);
 - ``syncs``: what makes the host wait for the device: ``.item()`` and Python ``bool``/``int``/``float`` of a
   tensor (``aten._local_scalar_dense``), operators whose output size depends on values (``nonzero``,
@@ -39,11 +40,15 @@ _HOST_METHODS = {"cpu", "tolist"}
 _INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
-def _is_view(func):
-    """True for an operator that returns an alias of an input without writing it (``view``, ``t``,
-    ``expand``, ``detach``...): no kernel on a GPU."""
+def _no_kernel(func):
+    """True for an operator that launches no kernel on a GPU: one returning an alias of an input without writing
+    it (``view``, ``t``, ``expand``, ``detach``...) or returning no tensor (``promote_types``)."""
     returns = func._schema.returns
-    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+    if any(r.alias_info is not None and r.alias_info.is_write for r in returns):
+        return False
+    views = all(r.alias_info is not None for r in returns)
+    tensors = any(isinstance(r.type, (torch.TensorType, torch.ListType, torch.OptionalType)) for r in returns)
+    return bool(returns) and (views or (not tensors and func.overloadpacket.__name__ != "_local_scalar_dense"))
 
 
 class _Dispatch(TorchDispatchMode):
@@ -58,7 +63,7 @@ class _Dispatch(TorchDispatchMode):
         elif name in _INDEXING and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
                                        for i in args[1] if i is not None):
             name += "_bool_mask"  # boolean-mask indexing: a nonzero inside
-        self.counter._record(name, _is_view(func))
+        self.counter._record(name, _no_kernel(func))
         return func(*args, **(kwargs or {}))
 
 

@@ -82,8 +82,8 @@ class ConditionalDecoder(LayerStack):
         tgt = torch.zeros_like(query_pos)
         hs = []
         for i, layer in enumerate(self.layers):
-            scale = 1.0 if i == 0 else self.query_scale(tgt)
-            tgt = self.run(layer, tgt, memory, memory_mask, pos, query_pos, sine * scale)
+            spatial = sine if i == 0 else sine * self.query_scale(tgt)  # the scale is 1 in layer 0
+            tgt = self.run(layer, tgt, memory, memory_mask, pos, query_pos, spatial)
             hs.append(self.norm(tgt))
         return self.stack(hs), reference
 
@@ -125,8 +125,7 @@ class DABDecoder(ConditionalDecoder):
         for i, layer in enumerate(self.layers):
             sine = sine_embed_points(ref, C // 2)  # (B, Q, 2C): y, x, w, h
             query_pos = self.ref_point_head(sine)
-            scale = 1.0 if i == 0 else self.query_scale(tgt)
-            sine = sine[..., :C] * scale
+            sine = sine[..., :C] if i == 0 else sine[..., :C] * self.query_scale(tgt)  # the scale is 1 in layer 0
             hw = self.ref_anchor_head(tgt).sigmoid()
             sine = torch.cat([sine[..., : C // 2] * (hw[..., 1] / ref[..., 3])[..., None],
                               sine[..., C // 2 :] * (hw[..., 0] / ref[..., 2])[..., None]], -1)

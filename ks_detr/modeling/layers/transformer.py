@@ -20,6 +20,8 @@ def build_activation(name):
 def upcast(x):
     """A floating tensor in at least float32: 16-bit floats (autocast outputs) become float32,
     float32 and float64 tensors are returned as they are."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -83,19 +85,19 @@ def sine_embed_points(points, num_feats, temperature=10000, scale=2 * math.pi):
 
 
 class _ScaleByMask(torch.autograd.Function):
-    """y = x * keep * scale, saving only the bool mask for backward (``where`` reads the mask as it is;
-    a product would first convert it to a float tensor the size of x)."""
+    """y = x * keep * scale, saving only the bool mask for backward (the product reads the bool mask as it is,
+    in one operator)."""
 
     @staticmethod
     def forward(ctx, x, keep, scale):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.where(keep, x, 0.0).mul_(scale)
+        return torch.mul(x, keep).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
+        return torch.mul(grad, keep).mul_(ctx.scale), None, None
 
 
 def keep_mask(shape, p):
@@ -143,16 +145,17 @@ def multihead_attention(q, k, v, num_heads, key_padding_mask=None, dropout_p=0.0
         blocked = key_padding_mask[:, None, None, :]
     if attn_mask is not None:
         blocked = attn_mask[None, None] if blocked is None else blocked | attn_mask[None, None]
-    attn_mask = None if blocked is None else ~blocked
     if dropout_p > 0.0 and q.device.type == "cpu" and not torch.jit.is_tracing():
         # CPU SDPA with dropout falls back to an unfused path with slow dropout: spell it out. The
         # 1/sqrt(d) and 1/(1-p) scales go on the small q and output, not on the (Lq, Lk) weights.
         logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-        if attn_mask is not None:
-            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        if blocked is not None:
+            logits = logits.masked_fill(blocked, float("-inf"))
         weights = logits.softmax(-1)
-        out = (torch.where(keep_mask(weights.shape, dropout_p), weights, 0.0) @ v) * (1.0 / (1.0 - dropout_p))
-    elif q.device.type == "cpu" and v.shape[-1] < q.shape[-1]:
+        out = (torch.mul(weights, keep_mask(weights.shape, dropout_p)) @ v) * (1.0 / (1.0 - dropout_p))
+        return out.transpose(1, 2).reshape(B, Lq, -1)
+    attn_mask = None if blocked is None else ~blocked  # SDPA's boolean mask: True = may attend
+    if q.device.type == "cpu" and v.shape[-1] < q.shape[-1]:
         # CPU flash attention needs one head size for q, k and v; otherwise SDPA takes its unfused path,
         # which keeps the (Lq, Lk) weights for the backward. Zero columns of v give zero output columns.
         d_v = v.shape[-1]
