@@ -13,6 +13,7 @@ transformers has no loss on two-stage proposals: there the decoder terms are com
 """
 import glob
 import logging
+import math
 import os
 import shlex
 import sys
@@ -374,6 +375,12 @@ def test_ks_forms_train_and_evaluate_as_the_student(form):
     config = FORMS[form][1]
     opts = (*TINY_OURS, "MODEL.DETR.NUM_CLASSES", "6")  # toy_inputs' classes 1 and 5
     ks_model = build_model(make_cfg(config.replace("configs/", "configs/ks_"), *opts)).train()
+    # the original initialisation: the -2 box-size bias on the first layer's head only, none with two-stage
+    sizes = [head.layers[-1].bias[2:].tolist() for head in ks_model.bbox_embed]
+    assert sizes == ([[0.0, 0.0]] * 2 if form == "deformable_two_stage" else [[-2.0, -2.0], [0.0, 0.0]])
+    prior = -math.log(0.99 / 0.01)  # focal prior of every class head
+    heads = [*ks_model.class_embed] + ([ks_model.query_selection.enc_class_embed] if form != REFINING[0] else [])
+    assert all(torch.allclose(h.bias, torch.full_like(h.bias, prior)) for h in heads)
     from detectron2.utils.events import EventStorage
     with EventStorage():
         losses = ks_model(toy_inputs(((160, 200), (128, 176))))
