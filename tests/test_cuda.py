@@ -33,8 +33,7 @@ TINY = ("MODEL.DETR.HIDDEN_DIM", 64, "MODEL.DETR.NHEADS", 4, "MODEL.DETR.DIM_FEE
         "MODEL.DETR.ENC_LAYERS", 2, "MODEL.DETR.DEC_LAYERS", 2, "MODEL.DETR.NUM_QUERIES", 20,
         "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64)
 # 16-bit losses against float32 ones: bfloat16 rounds every operation to 2^-9 (float16 to 2^-11); the
-# losses of these models move by at most ~1e-2 relative under bfloat16 (tests/test_amp.py measures 3e-3 on
-# CPU), while a float32-critical part run in 16 bits (reference points, box refinement, sampling locations,
+# losses of these models move by at most ~1e-2 relative under bfloat16 (3e-3 measured on CPU for every config), while a float32-critical part run in 16 bits (reference points, box refinement, sampling locations,
 # the losses) moves boxes by whole cells and their losses by far more than 5e-2. Terms near zero get 1e-3.
 RTOL, ATOL = 5e-2, 1e-3
 SCALE = 2.0**8  # the scaler's first scale: a step at it must not overflow (the step would be skipped)
@@ -80,10 +79,14 @@ class PinnedSelection:
         self.replaying = list(self.recorded)
 
 
+def flat(grads):
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
 def train_step(model, inputs, dtype, device):
     """Forward (autocast to ``dtype`` unless float32), backward through a gradient scaler (enabled for float16)
-    and one AdamW step. Returns the losses, the unscaled gradients (one flat float64 vector) and the scale
-    after the step."""
+    and one AdamW step. Returns the losses, the unscaled gradients ({name: float64 tensor}) and the scale after
+    the step (None without float16)."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device, init_scale=SCALE, enabled=dtype == torch.float16)
@@ -92,7 +95,7 @@ def train_step(model, inputs, dtype, device):
         losses = model(inputs)
     scaler.scale(sum(losses.values())).backward()
     scaler.unscale_(optimizer)
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+    grads = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
     scaler.step(optimizer)
     scaler.update()
     return {k: v.item() for k, v in losses.items()}, grads, scaler.get_scale() if scaler.is_enabled() else None
@@ -114,14 +117,20 @@ def test_train_step_16bit_matches_float32(device, config, one_thread):
         after = [p for p in model.parameters() if p.requires_grad]
         assert all(torch.isfinite(p).all() for p in after), dtype
     ref, ref_grads, _ = runs[torch.float32]
-    assert all(math.isfinite(v) for v in ref.values()) and torch.isfinite(ref_grads).all()
+    assert all(math.isfinite(v) for v in ref.values()) and all(torch.isfinite(g).all() for g in ref_grads.values())
     for dtype in (torch.float16, torch.bfloat16):
         losses, grads, _ = runs[dtype]
         assert losses.keys() == ref.keys()
         for name, value in losses.items():
             assert math.isclose(value, ref[name], rel_tol=RTOL, abs_tol=ATOL), (dtype, name, value, ref[name])
-        assert torch.isfinite(grads).all()
-        assert torch.cosine_similarity(grads, ref_grads, 0) > 0.99, dtype  # the step points the same way
+        assert grads.keys() == ref_grads.keys() and all(torch.isfinite(g).all() for g in grads.values())
+        # the step points the same way: on CPU (frozen backbone) every config measures >= 0.9998 but one,
+        # deformable_detr_refine_r50 under bfloat16 at 0.971: its reference-point head's bfloat16 matmul gets a
+        # distorted gradient (that head in float32: 1.0)
+        cosine = torch.cosine_similarity(flat(grads), flat(ref_grads), 0).item()
+        worst = sorted((torch.cosine_similarity(grads[n].flatten(), g.flatten(), 0).item(), n)
+                       for n, g in ref_grads.items() if g.norm() > 0)[:3]
+        assert cosine > 0.99, f"{dtype}: gradient cosine {cosine:.4f} to float32's; least aligned: {worst}"
     assert runs[torch.float16][2] == SCALE  # no overflow: the float16 step was taken, not skipped
 
 
@@ -157,9 +166,10 @@ def test_triton_train_step_equals_pytorch(device, config):
         model = tiny_model(config, device, "MODEL.DETR.DEFORMABLE_ATTN_IMPL", impl)
         runs[impl] = train_step(model, batch(model), torch.float32, device)[:2]
     (losses, grads), (ref, ref_grads) = runs["triton"], runs["pytorch"]
-    assert losses.keys() == ref.keys()
+    assert losses.keys() == ref.keys() and grads.keys() == ref_grads.keys()
     for name, value in losses.items():
         assert math.isclose(value, ref[name], rel_tol=1e-4, abs_tol=1e-6), (name, value, ref[name])
+    grads, ref_grads = flat(grads), flat(ref_grads)
     assert ((grads - ref_grads).norm() / ref_grads.norm()).item() < 1e-3
 
 
