@@ -48,7 +48,8 @@ if [ "$TINY" = 1 ]; then
   DEVICE=cpu SIZE=128 BATCH=1 ITERS=1 WARMUP=0 ROUNDS=1 REPS=1 SIDE_FAMILIES=conditional
   # benchmark.py overrides: a small R18 model (its memory children build the same)
   MODEL_OPTS=(MODEL.DETR.HIDDEN_DIM 64 MODEL.DETR.NHEADS 4 MODEL.DETR.DIM_FEEDFORWARD 64 MODEL.DETR.ENC_LAYERS 2
-              MODEL.DETR.DEC_LAYERS 2 MODEL.DETR.NUM_QUERIES 20 MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64)
+              MODEL.DETR.DEC_LAYERS 2 MODEL.DETR.NUM_QUERIES 20 MODEL.RESNETS.DEPTH 18
+              MODEL.RESNETS.RES2_OUT_CHANNELS 64)
 else
   DEVICE=cuda SIZE=1024 BATCH=2 ITERS=5 WARMUP=2 ROUNDS=5 REPS=10 SIDE_FAMILIES=conditional,dab,deformable
   MODEL_OPTS=()
@@ -79,7 +80,8 @@ step() {
 
 {
   date -u; uname -a; nvidia-smi 2>&1 | head -n 15
-  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())'
+  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda",
+            torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())'
   git log -1 --format='%H %cd' 2>/dev/null || true
 } > "$OUT/environment.txt" 2>&1
 
@@ -88,12 +90,15 @@ CUDA_TEST_FILES=$(grep -l 'mark\.cuda' tests/test_*.py | tr '\n' ' ')
 step cuda_tests 210 "$PY" -m pytest -m cuda $CUDA_TEST_FILES -v -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
 
 if [ "$DEVICE" = cuda ]; then
-  step bench_deformable_attn 60 "$PY" tools/bench_deformable_attn.py --size "$SIZE" --batch "$BATCH" --iters 10 --warmup 3
+  step bench_deformable_attn 60 "$PY" tools/bench_deformable_attn.py --size "$SIZE" --batch "$BATCH" --iters 10 \
+    --warmup 3
 else  # the tool needs a GPU: on CPU it must refuse with its usage status (2) and one line
-  step bench_deformable_attn 60 bash -c '"$0" tools/bench_deformable_attn.py --size 128 --iters 1 --warmup 0; test $? = 2' "$PY"
+  step bench_deformable_attn 60 \
+    bash -c '"$0" tools/bench_deformable_attn.py --size 128 --iters 1 --warmup 0; test $? = 2' "$PY"
 fi
 
-step ks_eval_vs_student 90 "$PY" - "$DEVICE" "$SIZE" "$BATCH" "$REPS" "$OUT/ks_eval_vs_student.json" "${MODEL_OPTS[@]}" <<'EOF'
+step ks_eval_vs_student 90 "$PY" - "$DEVICE" "$SIZE" "$BATCH" "$REPS" "$OUT/ks_eval_vs_student.json" \
+  "${MODEL_OPTS[@]}" <<'EOF'
 """Eval forward time of KS-DN-Deformable DETR (R50), of the same weights loaded as its student, and of the
 baseline of its own random init, on the same images, the models taking turns: "eval_only" (evals back to back) and
 "after_train" (each eval right after a train forward + backward of the same model, as tools/benchmark.py times it;
@@ -108,11 +113,12 @@ from ks_detr.config import student_config
 sys.path.insert(0, "tools")
 import benchmark as bm
 
-device, size, batch, reps, out, opts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6:]
+device, (size, batch, reps), out, opts = sys.argv[1], map(int, sys.argv[2:5]), sys.argv[5], sys.argv[6:]
 cfg = load_config("configs/ks_dn_deformable_detr_r50.yaml", ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, *opts])
 torch.manual_seed(0)
 models = {"ks": build_model(cfg), "student": build_model(student_config(cfg))}
-models["student"].load_state_dict(student_state_dict(models["ks"].state_dict(), models["ks"].ks.teacher_parameter_names(models["ks"])))
+ks = models["ks"]
+models["student"].load_state_dict(student_state_dict(ks.state_dict(), ks.ks.teacher_parameter_names(ks)))
 torch.manual_seed(0)
 models["own_init_baseline"] = build_model(student_config(cfg))
 args = bm.parse_args(["--config-file", "-", "--batch", str(batch), "--size", str(size)])
@@ -150,7 +156,8 @@ for phase in ("eval_only", "after_train"):
             if rep >= 2:
                 times[name].append(ms)
     med = {k: statistics.median(v) for k, v in times.items()}
-    report[phase] = {"median_ms": med, "over_student": {k: v / med["student"] for k, v in med.items()}, "samples_ms": times}
+    report[phase] = {"median_ms": med, "over_student": {k: v / med["student"] for k, v in med.items()},
+                     "samples_ms": times}
 print(json.dumps({k: v["over_student"] if isinstance(v, dict) else v for k, v in report.items()}))
 with open(out, "w") as f:
     json.dump(report, f, indent=2)
@@ -158,7 +165,8 @@ EOF
 
 benchmark() {
   step "benchmark_$1" 90 "$PY" tools/benchmark.py --config-file "configs/ks_$1_r50.yaml" --device "$DEVICE" \
-    --size "$SIZE" --batch "$BATCH" --iters "$ITERS" --warmup "$WARMUP" --output "$OUT/benchmark_$1.json" "${MODEL_OPTS[@]}"
+    --size "$SIZE" --batch "$BATCH" --iters "$ITERS" --warmup "$WARMUP" --output "$OUT/benchmark_$1.json" \
+    "${MODEL_OPTS[@]}"
 }
 for family in dn_deformable_detr conditional_detr dab_detr; do benchmark "$family"; done
 
