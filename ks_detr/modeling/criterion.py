@@ -112,19 +112,36 @@ class SetCriterion(nn.Module):
                 indices[i] = pairs
         return indices
 
+    def assign(self, stacked, boxes, targets):
+        """Hungarian assignments of every group of stacked outputs ``(members, labels, logits, boxes)``: the cost
+        matrices of all groups, images and outputs reach the host in one copy. Returns per group, per output, per
+        image (query, target) NumPy arrays."""
+        sizes = [len(t["labels"]) for t in targets]
+        if sum(sizes) == 0:
+            empty = np.empty(0, dtype=np.int64)
+            return [[[(empty, empty) for _ in targets] for _ in members] for members, *_ in stacked]
+        costs = [self.matcher.cost(logits.detach(), pred_boxes.detach(), labels, boxes)
+                 for _, labels, logits, pred_boxes in stacked]
+        host = (costs[0].flatten() if len(costs) == 1 else torch.cat([c.flatten() for c in costs])).cpu().numpy()
+        found, start = [], 0
+        for cost in costs:
+            found.append(self.matcher.solve(host[start : start + cost.numel()].reshape(cost.shape), sizes))
+            start += cost.numel()
+        return found
+
     def forward(self, outputs, targets):
         device = outputs[0]["pred_logits"].device
         num_boxes = self.num_boxes(targets, device)
         labels = torch.cat([t["labels"] for t in targets])
         boxes = torch.cat([t["boxes"] for t in targets])
         starts = np.cumsum([0] + [len(t["labels"]) for t in targets])[:-1]
-        parts = {}  # (output, "" or "_dn") -> {loss name: (O,) tensor of its group, row}
+        parts = {}  # (output, "" or "_dn") -> ({loss name: (O,) tensor of its group}, row)
+        stacked = []
         for members in self.groups(outputs):
             scored = labels if not outputs[members[0]].get("class_agnostic") else torch.zeros_like(labels)
-            logits = torch.stack([outputs[i]["pred_logits"] for i in members])
-            pred_boxes = torch.stack([outputs[i]["pred_boxes"] for i in members])
-            found = self.matcher.assign(logits.detach(), pred_boxes.detach(),
-                                        self.scored_targets(outputs[members[0]], targets), scored, boxes)
+            stacked.append((members, scored, torch.stack([outputs[i]["pred_logits"] for i in members]),
+                            torch.stack([outputs[i]["pred_boxes"] for i in members])))
+        for (members, scored, logits, pred_boxes), found in zip(stacked, self.assign(stacked, boxes, targets)):
             values = self.losses(logits, pred_boxes, scored, boxes, self.flat_index(found, starts, device), num_boxes)
             parts.update({(i, ""): (values, row) for row, i in enumerate(members)})
         dn_groups = {}

@@ -61,20 +61,26 @@ class HungarianMatcher(nn.Module):
                 for pairs in self.assign(pred_logits, pred_boxes, targets)]
 
     @torch.no_grad()
-    def assign(self, pred_logits, pred_boxes, targets, tgt_ids=None, tgt_boxes=None):
+    def assign(self, pred_logits, pred_boxes, targets):
         """:meth:`forward` of O stacked outputs (O, B, Q, K) and (O, B, Q, 4), with NumPy int64 index arrays: the
-        cost matrices of every output and image come to the host in one copy. ``tgt_ids`` (M,) and ``tgt_boxes``
-        (M, 4) are the targets' labels and boxes concatenated, if the caller has them."""
+        cost matrices of every output and image come to the host in one copy."""
         O, B, Q, _ = pred_logits.shape
         sizes = [len(t["labels"]) for t in targets]
         if sum(sizes) == 0:
             empty = np.empty(0, dtype=np.int64)
             return [[(empty, empty) for _ in targets] for _ in range(O)]
+        cost = self.cost(pred_logits, pred_boxes, torch.cat([t["labels"] for t in targets]),
+                         torch.cat([t["boxes"] for t in targets]))
+        return self.solve(cost.cpu().numpy(), sizes)
+
+    @torch.no_grad()
+    def cost(self, pred_logits, pred_boxes, tgt_ids, tgt_boxes):
+        """Matching costs, on the predictions' device, of O stacked outputs (O, B, Q, K), (O, B, Q, 4) against all
+        M targets of the batch: ``tgt_ids`` (M,) int64, ``tgt_boxes`` (M, 4) cxcywh -> (O, B, Q, M)."""
+        O, B, Q, _ = pred_logits.shape
         prob = pred_logits.flatten(0, 2).float().sigmoid()
         boxes = pred_boxes.flatten(0, 2).float()
-        tgt_ids = torch.cat([t["labels"] for t in targets]) if tgt_ids is None else tgt_ids
-        tgt_boxes = (torch.cat([t["boxes"] for t in targets]) if tgt_boxes is None else tgt_boxes).float()
-
+        tgt_boxes = tgt_boxes.float()
         p = prob[:, tgt_ids]
         neg = (1 - self.alpha) * p**self.gamma * -(1 - p + 1e-8).log()
         pos = self.alpha * (1 - p) ** self.gamma * -(p + 1e-8).log()
@@ -84,7 +90,13 @@ class HungarianMatcher(nn.Module):
             - self.cost_giou
             * giou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"), self.giou_eps)
         )
-        cost = cost.view(O, B, Q, -1).cpu().numpy()
+        return cost.view(O, B, Q, -1)
+
+    @staticmethod
+    def solve(cost, sizes):
+        """Optimal assignments from host costs (O, B, Q, M) (NumPy; image i's targets are the next ``sizes[i]``
+        columns): per output, per image (query_idx, target_idx) NumPy int64 arrays (scipy's
+        ``linear_sum_assignment``)."""
         ends = np.cumsum(sizes)
         return [[tuple(a.astype(np.int64) for a in linear_sum_assignment(per_output[i, :, end - n : end]))
                  for i, (n, end) in enumerate(zip(sizes, ends))] for per_output in cost]
