@@ -164,7 +164,8 @@ class DeformableDETR(DETRBase):
         else:
             query_pos, tgt = self.query_embed.weight.split(C, 1)
             query_pos, tgt = query_pos[None].expand(rows, -1, -1), tgt[None].expand(rows, -1, -1)
-            reference = upcast(self.reference_points(query_pos)).sigmoid()
+            with torch.autocast(memory.device.type, enabled=False):  # coordinates: a 16-bit matmul bends the
+                reference = self.reference_points(upcast(query_pos)).sigmoid()  # gradient (bfloat16 cosine 0.97)
         if not self.box_refine:
             hs, _ = self.decoder(tgt, query_pos, reference, memory, memory_mask, ctx)
             return hs, self.boxes_around_points(hs, reference), extras
