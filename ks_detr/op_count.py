@@ -91,15 +91,16 @@ class OpCounter:
         self.scopes = scopes
         self._stack = []
         self._hooks = []
+        self._names = {}  # id(module) -> its name, from name_modules
 
     def _scope(self):
         if torch._C._current_graph_task_id() != -1:
             return "backward"
         return self._stack[-1] if self._stack else "(outside modules)"
 
-    def _record(self, name, view):
+    def _record(self, name, no_kernel):
         self.by_op[name] += 1
-        if not view:
+        if not no_kernel:
             self.kernels += 1
         if self.scopes:
             self.by_scope[self._scope()] += 1
@@ -109,7 +110,7 @@ class OpCounter:
 
     def __enter__(self):
         if self.scopes:
-            names = {}
+            names = self._names
 
             def pre(module, _):
                 name = names.get(id(module))
@@ -118,7 +119,6 @@ class OpCounter:
             def post(module, _, __):
                 self._stack.pop()
 
-            self._names = names
             self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
                            torch.nn.modules.module.register_module_forward_hook(post, always_call=True)]
         self._modes = [_Function(self), _Dispatch(self)]
