@@ -320,8 +320,7 @@ def test_loss_and_gradients_match(form, tmp_path, caplog):
     assert worst <= 1e-4
 
 
-@pytest.mark.parametrize("form", [pytest.param(f, marks=pytest.mark.slow) if f == "deformable_refine" else f
-                                  for f in FORMS])  # (the two-stage export has the refine heads too)
+@pytest.mark.parametrize("form", list(FORMS))
 def test_export_loads_in_transformers_and_round_trips(form, tmp_path, caplog, trees_dataset):
     config = FORMS[form][1]
     torch.set_num_threads(1)
