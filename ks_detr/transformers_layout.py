@@ -5,7 +5,7 @@ Forms: ``ConditionalDetrForObjectDetection``, ``DabDetrForObjectDetection`` and 
 (single stage, ``with_box_refine`` and ``two_stage``: per-layer heads ``class_embed.i`` / ``bbox_embed.i``, also held
 as ``model.decoder.{class,bbox}_embed.i``, index ``decoder_layers`` scoring the encoder proposals), with transformers'
 ResNet backbone (``backbone[.conv_encoder].model.embedder.*`` / ``encoder.stages.*``) or timm's
-(``backbone.conv_encoder.model.conv1`` / ``layerN.*``, torchvision names). Both the names transformers 5 holds in
+(``backbone.conv_encoder.model[._backbone].conv1`` / ``layerN.*``, torchvision names). Both the names transformers 5 holds in
 memory (``self_attn.o_proj``, ``mlp.fc1``, ``encoder_attn.q_content_proj``) and the ones it writes (``out_proj``,
 ``fc1``, ``ca_qcontent_proj``, ``backbone.conv_encoder``) are read. Files are read with safetensors or
 ``torch.load(weights_only=True)``, ``config.json`` / ``preprocessor_config.json`` with ``json``.
@@ -253,7 +253,7 @@ def our_name(key, family, heads=None):
         if int(m[2]) < heads:
             return f"{m[1]}.{m[2]}.{m[3]}"
         return f"query_selection.enc_{m[1]}.{m[3]}" if int(m[2]) == heads else None
-    if m := re.fullmatch(r"model\.backbone\.(?:conv_encoder\.)?(?:model\.)?(.+)", key):
+    if m := re.fullmatch(r"model\.backbone\.(?:conv_encoder\.)?(?:model\.)?(?:_backbone\.)?(.+)", key):
         sub = _resnet_name(m[1])
         name = sub and f"backbone.{sub}"
     elif m := re.fullmatch(r"model\.encoder\.layers\.(\d+)\.(.+)", key):
