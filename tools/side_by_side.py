@@ -182,6 +182,12 @@ def build_transformers_pair(family, folder, num_classes, device):
     cfg = load_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, *opts])
     ours = build_model(cfg)
     ours.load_state_dict(cc.convert(sd, cfg, cc.expected_state(cfg), "transformers", c))
+    # the same backbone parameters train in both (transformers freezes its whole ResNet in some families)
+    family_name = {v: k for k, v in hf.MODEL_TYPES.items()}[c["model_type"]]
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    for name, p in theirs.named_parameters():
+        if ".backbone." in name:
+            p.requires_grad_(hf.our_name(name, family_name) in trainable)
     processor = getattr(transformers, f"{'Deformable' if family == 'deformable' else 'Conditional'}DetrImageProcessor")()
     return theirs.to(device), ours, processor
 
