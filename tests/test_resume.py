@@ -74,14 +74,16 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_kill_and_resume_gives_identical_weights(tmp_path, uninterrupted):
-    """SIGKILL at a random moment after the second checkpoint (the next step or the next checkpoint
-    write), then --resume: the same final weights as the uninterrupted run, bit for bit."""
+    """SIGKILL at a random moment after the second checkpoint (a later step, a checkpoint write, or between
+    the last step's checkpoint and model_final.pth), then --resume: the same final weights as the
+    uninterrupted run, bit for bit."""
     out = tmp_path / "killed"
     kill_after(out, 6, 1, random.Random(os.getpid()).uniform(0.0, 1.5))
     assert not os.path.exists(out / "model_final.pth")
     log = train(out, 6, "--resume")
-    start = int(log.split("Starting training from iteration ")[1].split()[0])
-    assert 2 <= start <= 5
+    if "--resume: all 6 iterations are trained, but the end of the run is missing" not in log:
+        start = int(log.split("Starting training from iteration ")[1].split()[0])
+        assert 2 <= start <= 5
     assert_identical(weights(out / "model_final.pth"), uninterrupted)
 
 
