@@ -99,6 +99,10 @@ def add_ks_detr_config(cfg):
     # the same for the KS encoder layers, in two pieces (attention; norms and FFN) so that their three
     # streams' activations are never all held at once
     _K.RECOMPUTE_KS_LAYERS = False
+    # decode and score each teacher stream in its own pass whose backward runs at once, inside the forward, so
+    # that its decoder activations are freed before the next pass: the same gradients and FLOPs, peak memory
+    # near the baseline's, more (smaller) kernel launches than the one stacked pass (docs/benchmarks.md)
+    _K.EARLY_TEACHER_BACKWARD = False
     _K.MASK = CN()
     _K.MASK.PAD_PIXELS = 0  # grow every GT box by this many input pixels per side
     _K.MASK.SAMPLING = "bilinear"  # bilinear (official, align_corners) | area (any overlap)
@@ -142,6 +146,11 @@ def official_numerics(arch, source="ks-detr"):
     if source == "ks-detr":
         opts += ["MODEL.DETR.EVAL_PAD_LAST_PIXEL", True]
     return opts
+
+
+def amp_dtype_name(cfg):
+    """The autocast dtype's name of ``SOLVER.AMP.DTYPE`` ("" = bfloat16 on CPU, float16 on CUDA)."""
+    return cfg.SOLVER.AMP.DTYPE or ("float16" if cfg.MODEL.DEVICE.startswith("cuda") else "bfloat16")
 
 
 def _fail(key, value, why):
@@ -216,6 +225,11 @@ def check_ks_detr_config(cfg):
         _fail("SOLVER.BACKBONE_MULTIPLIER", cfg.SOLVER.BACKBONE_MULTIPLIER, "must be >= 0")
     if cfg.SOLVER.AMP.DTYPE not in AMP_DTYPES:
         _fail("SOLVER.AMP.DTYPE", cfg.SOLVER.AMP.DTYPE, f"choose one of {AMP_DTYPES}")
+    if ks.EARLY_TEACHER_BACKWARD and cfg.SOLVER.AMP.ENABLED and amp_dtype_name(cfg) == "float16":
+        _fail("MODEL.KS.EARLY_TEACHER_BACKWARD", ks.EARLY_TEACHER_BACKWARD,
+              f"the teachers' gradients are taken in the forward, before the float16 gradient scaler scales them "
+              f"(SOLVER.AMP.DTYPE={cfg.SOLVER.AMP.DTYPE!r} is float16 on {cfg.MODEL.DEVICE}); set SOLVER.AMP.DTYPE "
+              "bfloat16 or turn the key off")
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
         _fail("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip.CLIP_TYPE, f"choose one of {CLIP_TYPES}")

@@ -40,6 +40,7 @@ from detectron2.utils.events import CommonMetricPrinter, EventStorage, Tensorboa
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import AtomicCheckpointer, checkpoint_problem
+from .config import amp_dtype_name
 from .data import DetrDatasetMapper
 from .data.sampler import build_resumable_train_loader, mix_seed
 from .solver import build_optimizer
@@ -69,8 +70,7 @@ def keep_freed_cpu_memory(cfg):
 
 def amp_dtype(cfg):
     """The autocast dtype of ``SOLVER.AMP.DTYPE`` ("" = bfloat16 on CPU, float16 on CUDA)."""
-    name = cfg.SOLVER.AMP.DTYPE or ("float16" if cfg.MODEL.DEVICE.startswith("cuda") else "bfloat16")
-    return getattr(torch, name)
+    return getattr(torch, amp_dtype_name(cfg))
 
 
 def create_ddp_model(model):

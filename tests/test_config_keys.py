@@ -7,7 +7,7 @@ a small config of a family and checks that the change shows in what the key is f
 
 - ``model``: the built model (parameter names/shapes/strides/values, buffers), its outputs on a seeded
   tiny padded batch (every training loss, the eval detections), its matcher's assignment on a seeded
-  40-query problem, or how many layers are recomputed;
+  40-query problem, how many layers are recomputed, or how many decoder passes a train step runs;
 - ``data``: the mapper's output (train: 8 seeded draws of the augmentation; test);
 - ``optimizer``: its class and per-parameter hyperparameters, and one step on fixed gradients (clipping);
 - ``schedule``: the lr multiplier over the iterations;
@@ -160,6 +160,10 @@ WALK = {
     "MODEL.KS.RECOMPUTE_DECODER": [w("ks_conditional", "MODEL.KS.RECOMPUTE_DECODER", True, "model"),
                                    w("conditional", "MODEL.KS.RECOMPUTE_DECODER", True, "refused")],
     "MODEL.KS.RECOMPUTE_KS_LAYERS": [w("ks_conditional", "MODEL.KS.RECOMPUTE_KS_LAYERS", True, "model")],
+    "MODEL.KS.EARLY_TEACHER_BACKWARD": [w("ks_conditional", "MODEL.KS.EARLY_TEACHER_BACKWARD", True, "model"),
+                                        w("conditional", "MODEL.KS.EARLY_TEACHER_BACKWARD", True, "refused"),
+                                        w("ks_conditional", "MODEL.KS.EARLY_TEACHER_BACKWARD", True, "refused",
+                                          SOLVER__AMP__ENABLED=True, SOLVER__AMP__DTYPE="float16")],
     "MODEL.KS.MASK.PAD_PIXELS": [w("ks_conditional", "MODEL.KS.MASK.PAD_PIXELS", 16, "model")],
     "MODEL.KS.MASK.SAMPLING": [w("ks_conditional", "MODEL.KS.MASK.SAMPLING", "area", "model")],
     # ---- ours: elsewhere ----
@@ -436,6 +440,8 @@ def probe_model(cfg):
     out["deformable_attn_impl"] = [m.impl for m in model.modules() if isinstance(m, MSDeformAttn)]  # as configured
     calls, counting, original = _checkpoint_counter()
     transformer.checkpoint = counting
+    decoder_calls = []
+    hook = model.decoder.register_forward_pre_hook(lambda *_: decoder_calls.append(1))
     try:
         model.train()
         torch.manual_seed(1)
@@ -444,7 +450,9 @@ def probe_model(cfg):
         out["losses"] = {k: v.detach() for k, v in losses.items()}
     finally:
         transformer.checkpoint = original
+        hook.remove()
     out["recomputed"] = calls[0]
+    out["decoder_calls"] = len(decoder_calls)
     # the matcher on a bigger seeded problem than the tiny batch (whose few boxes match alike under most costs)
     g = torch.Generator().manual_seed(0)
     logits, boxes = torch.randn(2, 40, model.num_classes, generator=g), torch.rand(2, 40, 4, generator=g) * 0.5 + 0.2

@@ -71,8 +71,11 @@ def test_quickstart_parameters_all_get_a_gradient():
 # Dropout and denoising noise off (their random numbers differ between the runs); all images of one
 # size (padding is per process); each process's batch has one image with 3 boxes and one without,
 # so the denoising group size (the most boxes of an image in the batch) is 3 in both runs.
-EQUAL_CASES = [("configs/conditional_detr_r50.yaml", False), ("configs/ks_conditional_detr_r50.yaml", False),
-               ("configs/dn_deformable_detr_r50.yaml", True), ("configs/ks_dn_deformable_detr_r50.yaml", True)]
+EARLY = ("MODEL.KS.EARLY_TEACHER_BACKWARD", "True")  # the teachers' gradients taken in the forward
+EQUAL_CASES = [("configs/conditional_detr_r50.yaml", False, ()), ("configs/ks_conditional_detr_r50.yaml", False, ()),
+               ("configs/dn_deformable_detr_r50.yaml", True, ()), ("configs/ks_dn_deformable_detr_r50.yaml", True, ()),
+               ("configs/ks_conditional_detr_r50.yaml", False, EARLY),
+               ("configs/ks_dn_deformable_detr_r50.yaml", True, EARLY)]
 
 
 def no_noise(config):
@@ -88,10 +91,10 @@ def batch():
     return inputs
 
 
-def step(config, two_stage, inputs):
+def step(config, two_stage, opts, inputs):
     """Gradients and weights after one AdamW step of a fixed-seed model on ``inputs`` (this process's
     share under DDP)."""
-    cfg = make_cfg(config, *case_opts(None, two_stage), *no_noise(config), "SOLVER.BASE_LR", "1e-3")
+    cfg = make_cfg(config, *case_opts(None, two_stage), *no_noise(config), "SOLVER.BASE_LR", "1e-3", *opts)
     torch.manual_seed(0)
     model = tame_random_backbone(build_model(cfg))
     model.train()
@@ -108,7 +111,7 @@ def step(config, two_stage, inputs):
 def _worker(out_dir):
     rank = comm.get_rank()
     inputs = batch()[2 * rank: 2 * rank + 2]
-    results = {c: step(c, two, inputs) for c, two in EQUAL_CASES}
+    results = {(c, *opts): step(c, two, opts, inputs) for c, two, opts in EQUAL_CASES}
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "ddp.pth"))
 
@@ -127,7 +130,8 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     """The loss is normalised by the boxes of all processes (all_reduce) and DDP averages the
     gradients: gradients and AdamW-updated weights agree with one process on the whole batch to
     <= 1e-5 relative, per parameter tensor (KS and baseline; Conditional and DN-Deformable with
-    two-stage selection and denoising; images without boxes).
+    two-stage selection and denoising; images without boxes; KS also with the teachers' gradients taken in the
+    forward).
 
     Tensors whose gradient is zero in exact arithmetic (e.g. the key biases of attention: softmax
     ignores a constant shift of the logits) carry only round-off; tensors under 1e-6 of the total
@@ -137,9 +141,9 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     layer's self-attention content projections of all-zero content queries) are zero in both."""
     launch(_worker, 2, dist_url=f"tcp://127.0.0.1:{free_port()}", args=(str(tmp_path),))
     ddp = torch.load(tmp_path / "ddp.pth", weights_only=True)
-    for config, two in EQUAL_CASES:
-        grads, weights = step(config, two, batch())
-        ddp_grads, ddp_weights = ddp[config]
+    for config, two, opts in EQUAL_CASES:
+        grads, weights = step(config, two, opts, batch())
+        ddp_grads, ddp_weights = ddp[(config, *opts)]
         assert grads.keys() == ddp_grads.keys()
         total = torch.cat([g.flatten() for g in grads.values()]).norm()
         zero = {n for n, g in grads.items() if g.norm() == 0}

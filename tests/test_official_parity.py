@@ -122,10 +122,16 @@ def relative_errors(model, reference):
     return errors, missing
 
 
-@pytest.mark.parametrize("case", list(fx.CASES))
-def test_outputs_losses_and_gradients_equal_the_official_code(case):
+EARLY = ("MODEL.KS.EARLY_TEACHER_BACKWARD", True)
+KS_CASES = [c for c in fx.CASES if c.startswith("ks_")]
+
+
+@pytest.mark.parametrize("case,opts", [(c, ()) for c in fx.CASES] + [(c, EARLY) for c in KS_CASES],
+                         ids=list(fx.CASES) + [f"{c}-early_teacher_backward" for c in KS_CASES])
+def test_outputs_losses_and_gradients_equal_the_official_code(case, opts):
+    """Every case as it is; the KS cases also with each teacher's backward taken in the forward."""
     fixture = load_fixture(case)
-    model, cfg = ours(case, fixture)
+    model, cfg = ours(case, fixture, *opts)
     losses, seen = run_ours(model, case)
     grad_tol, abs_tol = tolerance(case)
 
@@ -163,9 +169,12 @@ def test_the_fixtures_reject_boxes_predicted_from_detached_anchors(case):
     assert errors["bbox_embed.layers.0.weight"] > 0.01 and errors["decoder.layers.0.linear2.weight"] > 0.01
 
 
-@pytest.mark.parametrize("case", [c if c in ("ks_dab", "ks_dn_deformable") else pytest.param(c, marks=pytest.mark.slow)
-                                  for c in fx.STEPS_CASES])  # the headline family and the quickstart's by default
-def test_twenty_optimizer_steps_follow_the_official_trajectory(case):
+@pytest.mark.parametrize("case,opts", [(c, ()) if c in ("ks_dab", "ks_dn_deformable") else
+                                       pytest.param(c, (), marks=pytest.mark.slow) for c in fx.STEPS_CASES]
+                         + [("ks_dab", EARLY)] + [pytest.param(c, EARLY, marks=pytest.mark.slow)
+                                                  for c in fx.STEPS_CASES if c != "ks_dab"],
+                         ids=lambda v: "early_teacher_backward" if v == EARLY else None)
+def test_twenty_optimizer_steps_follow_the_official_trajectory(case, opts):  # default run: the headline family
     """``fx.STEPS`` steps of our recipe (``ks_detr.solver.build_optimizer``: AdamW, backbone lr x 0.1, full-model
     clipping at 0.1; detectron2's lr scheduler) against the official recipe's, on the same alternating batches.
 
@@ -174,9 +183,10 @@ def test_twenty_optimizer_steps_follow_the_official_trajectory(case):
     storage of the fixture; deformable: 1.8e-5, from their float32 valid ratios). Parameters
     whose gradient is zero in exact arithmetic (key biases before a softmax, biases before a GroupNorm) are left
     out: AdamW divides their rounding noise (~1e-16) by its own magnitude and moves them by up to the lr per step,
-    differently in each codebase, without changing any output."""
+    differently in each codebase, without changing any output. With ``opts`` the KS model takes each teacher's
+    backward in the forward (``MODEL.KS.EARLY_TEACHER_BACKWARD``)."""
     fixture = load_fixture(case)
-    model, cfg = ours(case, fixture)
+    model, cfg = ours(case, fixture, *opts)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)

@@ -15,7 +15,8 @@
 #                           against a baseline of its own random init (what tools/benchmark.py compares), evals
 #                           back to back and each right after a train step of the same model
 #   benchmark_<family>      tools/benchmark.py --device cuda, KS and baseline, 2 x 1024^2, fp32, for
-#                           DN-Deformable, Conditional and DAB DETR
+#                           DN-Deformable, Conditional (both also with MODEL.KS.EARLY_TEACHER_BACKWARD True, the
+#                           "ks_variant") and DAB DETR
 #   side_by_side            tools/side_by_side.py --against transformers --device cuda (when the tool has the flag)
 #   benchmark_deformable_detr   the same for Deformable DETR
 # summary.tsv lists each step's status (ok, failed rc=N, timed out, not run: budget) and seconds.
@@ -163,12 +164,18 @@ with open(out, "w") as f:
     json.dump(report, f, indent=2)
 EOF
 
+# benchmark FAMILY LIMIT_S [--variant KEY VALUE ...]
 benchmark() {
-  step "benchmark_$1" 90 "$PY" tools/benchmark.py --config-file "configs/ks_$1_r50.yaml" --device "$DEVICE" \
-    --size "$SIZE" --batch "$BATCH" --iters "$ITERS" --warmup "$WARMUP" --output "$OUT/benchmark_$1.json" \
-    "${MODEL_OPTS[@]}"
+  local family=$1 limit=$2
+  shift 2
+  step "benchmark_$family" "$limit" "$PY" tools/benchmark.py --config-file "configs/ks_${family}_r50.yaml" \
+    --device "$DEVICE" --size "$SIZE" --batch "$BATCH" --iters "$ITERS" --warmup "$WARMUP" \
+    --output "$OUT/benchmark_$family.json" "$@" "${MODEL_OPTS[@]}"
 }
-for family in dn_deformable_detr conditional_detr dab_detr; do benchmark "$family"; done
+EARLY=(--variant MODEL.KS.EARLY_TEACHER_BACKWARD True)  # KS memory with the teachers' backward in the forward
+benchmark dn_deformable_detr 120 "${EARLY[@]}"
+benchmark conditional_detr 120 "${EARLY[@]}"
+benchmark dab_detr 90
 
 if "$PY" tools/side_by_side.py --help 2>/dev/null | grep -q -- '--against'; then
   step side_by_side 150 "$PY" tools/side_by_side.py --against transformers --device "$DEVICE" --size "$SIZE" \
@@ -176,7 +183,7 @@ if "$PY" tools/side_by_side.py --help 2>/dev/null | grep -q -- '--against'; then
 elif [ -z "$STEPS" ] || [[ " $STEPS " == *" side_by_side "* ]]; then
   printf 'side_by_side\tnot run: no --against flag\t0\n' >> "$OUT/summary.tsv"
 fi
-benchmark deformable_detr  # last: side_by_side times Deformable DETR too
+benchmark deformable_detr 90  # last: side_by_side times Deformable DETR too
 
 echo "== done in $((SECONDS - START))s; results in $OUT"
 cat "$OUT/summary.tsv"

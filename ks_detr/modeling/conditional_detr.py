@@ -20,10 +20,12 @@ class ConditionalDETR(DETRBase):
         d = cfg.MODEL.DETR
         return ConditionalDecoder(d.DEC_LAYERS, d.HIDDEN_DIM, d.NHEADS, d.DIM_FEEDFORWARD, d.DROPOUT, d.ACTIVATION)
 
-    def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
-        query_pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)
-        hs, reference = self.decoder(memory, memory_mask, repeat_streams(pos, streams), query_pos)
-        return hs, self.boxes_around_points(hs, reference), {}
+    def prepare_queries(self, memory, memory_mask, targets=None, ctx=None, streams=1):
+        return {"query_pos": self.query_embed.weight[None].expand(memory.shape[0], -1, -1)}, {}, {}
+
+    def run_decoder(self, rows, shared, memory, memory_mask, pos, ctx=None, streams=1):
+        hs, reference = self.decoder(memory, memory_mask, repeat_streams(pos, streams), rows["query_pos"])
+        return hs, self.boxes_around_points(hs, reference)
 
 
 @META_ARCH_REGISTRY.register()

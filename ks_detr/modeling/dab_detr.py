@@ -42,12 +42,15 @@ class DABDETR(DETRBase):
         anchors = self.refpoint_embed.weight[None].expand(rows, -1, -1)
         return torch.zeros_like(anchors[..., :1]).expand(-1, -1, self.hidden_dim), anchors, None, None
 
-    def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
+    def prepare_queries(self, memory, memory_mask, targets=None, ctx=None, streams=1):
         tgt, anchors, attn_mask, dn = self.queries(targets, memory.shape[0], streams)
+        return {"tgt": tgt, "anchors": anchors}, {"attn_mask": attn_mask}, {"dn": dn} if dn else {}
+
+    def run_decoder(self, rows, shared, memory, memory_mask, pos, ctx=None, streams=1):
         pos = repeat_streams(pos, streams)
-        hs, refs = self.decoder(tgt, memory, memory_mask, pos, anchors, self.bbox_embed, attn_mask)
-        boxes = (self.bbox_embed(hs) + inverse_sigmoid(refs, self.box_logit_eps)).sigmoid()
-        return hs, boxes, {"dn": dn} if dn else {}
+        hs, refs = self.decoder(rows["tgt"], memory, memory_mask, pos, rows["anchors"], self.bbox_embed,
+                                shared["attn_mask"])
+        return hs, (self.bbox_embed(hs) + inverse_sigmoid(refs, self.box_logit_eps)).sigmoid()
 
 
 @META_ARCH_REGISTRY.register()

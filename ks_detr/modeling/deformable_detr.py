@@ -153,7 +153,7 @@ class DeformableDETR(DETRBase):
         anchors, enc = self.query_selection(memory[:n], mask, ctx.first(n))
         return anchors.repeat(streams // own, 1, 1), dict(enc, streams=own)
 
-    def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
+    def prepare_queries(self, memory, memory_mask, targets=None, ctx=None, streams=1):
         rows, C = memory.shape[0], self.hidden_dim
         extras = {}
         if self.two_stage:  # queries from the proposals: [query_pos ; tgt] = norm(pos_trans(sine(x, y, w, h)))
@@ -166,13 +166,16 @@ class DeformableDETR(DETRBase):
             query_pos, tgt = query_pos[None].expand(rows, -1, -1), tgt[None].expand(rows, -1, -1)
             with torch.autocast(memory.device.type, enabled=False):  # coordinates: a 16-bit matmul bends the
                 reference = self.reference_points(upcast(query_pos)).sigmoid()  # gradient (bfloat16 cosine 0.97)
+        return {"tgt": tgt, "query_pos": query_pos, "reference": reference}, {}, extras
+
+    def run_decoder(self, rows, shared, memory, memory_mask, pos, ctx=None, streams=1):
+        tgt, query_pos, reference = rows["tgt"], rows["query_pos"], rows["reference"]
         if not self.box_refine:
             hs, _ = self.decoder(tgt, query_pos, reference, memory, memory_mask, ctx)
-            return hs, self.boxes_around_points(hs, reference), extras
+            return hs, self.boxes_around_points(hs, reference)
         hs, refs = self.decoder(tgt, query_pos, reference, memory, memory_mask, ctx, self.bbox_embed)
-        boxes = torch.stack([refine_boxes(upcast(head(h)), r, self.box_logit_eps)
-                             for head, h, r in zip(self.bbox_embed, hs, refs)])
-        return hs, boxes, extras
+        return hs, torch.stack([refine_boxes(upcast(head(h)), r, self.box_logit_eps)
+                                for head, h, r in zip(self.bbox_embed, hs, refs)])
 
 
 @META_ARCH_REGISTRY.register()

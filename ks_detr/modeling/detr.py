@@ -15,7 +15,7 @@ from torchvision.ops import box_convert
 
 from ..errors import ConfigError
 from .criterion import SetCriterion
-from .ks import KnowledgeSharing, KSEncoderLayer, TripleAttention, repeat_streams
+from .ks import EarlyBackward, KnowledgeSharing, KSEncoderLayer, TripleAttention, repeat_streams
 from .layers import (
     MLP,
     MultiheadAttention,
@@ -159,24 +159,40 @@ class DETRBase(nn.Module):
         """The family's decoder module (:mod:`ks_detr.modeling.layers`)."""
         raise NotImplementedError
 
-    def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
-        """Run the decoder on (stacked) memories.
+    def prepare_queries(self, memory, memory_mask, targets=None, ctx=None, streams=1):
+        """The decoder's queries for (stacked) memories.
 
         Args:
-            memory: (B', N, C), B' = streams * B; pos: (B, N, C), the same for every stream (a family
-                whose decoder reads it repeats it per stream); memory_mask: (B', N) True = padding, or
-                None (padding not masked: ``MODEL.DETR.DECODER_PADDING_MASK`` False).
-            targets: the B images' targets in training (denoising families noise them), else None.
-            streams: S, the number of stacked streams (KS training), 1 otherwise.
+            memory: (B', N, C), B' = streams * B; memory_mask: (B', N) True = padding, or None (padding not
+                masked: ``MODEL.DETR.DECODER_PADDING_MASK`` False).
+            targets: the B images' targets in training (denoising families noise them, the same noise for
+                every stream), else None.
             ctx: the multi-scale context of the memory (B' rows), or None.
+            streams: S, the number of stacked streams (KS training), 1 otherwise.
         Returns:
-            hs (L, B', P+Q, C) normalised decoder states, boxes (L, B', P+Q, 4) sigmoid cxcywh and
-            a dict of extras: "dn", the denoising metadata ``dict(groups, group_size)`` when there
-            are P = groups * group_size leading denoising queries; "enc", the selected encoder
-            proposals of two-stage models ``dict(pred_logits (S'B, Q, K), pred_boxes (S'B, Q, 4), streams=S')``
-            for the first S' streams (S' = S when every stream selects its own, else 1).
+            rows: {name: (B', ...) tensor} the per-row query inputs of :meth:`run_decoder`; shared: {name:
+            value} its inputs common to all rows (a self-attention mask); extras: "dn", the denoising
+            metadata ``dict(groups, group_size)`` when there are P = groups * group_size leading denoising
+            queries; "enc", the selected encoder proposals of two-stage models ``dict(pred_logits (S'B, Q, K),
+            pred_boxes (S'B, Q, 4), streams=S')`` for the first S' streams (S' = S when every stream selects
+            its own, else 1).
         """
         raise NotImplementedError
+
+    def run_decoder(self, rows, shared, memory, memory_mask, pos, ctx=None, streams=1):
+        """The decoder and the box head on the queries of :meth:`prepare_queries` (any subset of their rows
+        with the matching memory rows).
+
+        pos: (B, N, C), the same for every stream (a family whose decoder reads it repeats it per stream).
+        Returns hs (L, B', P+Q, C) normalised decoder states and boxes (L, B', P+Q, 4) sigmoid cxcywh.
+        """
+        raise NotImplementedError
+
+    def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
+        """:meth:`prepare_queries` then :meth:`run_decoder` on all rows: hs, boxes and the extras."""
+        rows, shared, extras = self.prepare_queries(memory, memory_mask, targets, ctx, streams)
+        hs, boxes = self.run_decoder(rows, shared, memory, memory_mask, pos, ctx, streams)
+        return hs, boxes, extras
 
     def boxes_around_points(self, hs, reference):
         """Boxes of decoder states whose queries have fixed 2-D reference points (Conditional, Deformable):
@@ -250,11 +266,39 @@ class DETRBase(nn.Module):
         memory = self.encoder(src, pos, key_mask, ks, ctx)
         S = ks.num_streams if ks else 1
         targets = self.prepare_targets(batched_inputs)
+        if S > 1 and self.ks.early_backward:
+            return self.teachers_first_losses(memory, key_mask, pos, targets, ctx, B, S)
         ctx = None if ctx is None else ctx.repeat(S)
         memory_mask = repeat_streams(key_mask, S) if self.decoder_padding_mask else None
         hs, boxes, extras = self.decode(memory, memory_mask, pos, targets, ctx, S)
         logits = self.predict_logits(hs)
         return self.criterion(self.loss_outputs(logits, boxes, B, S, extras), targets)
+
+    def teachers_first_losses(self, memory, key_mask, pos, targets, ctx, B, S):
+        """KS training losses with ``MODEL.KS.EARLY_TEACHER_BACKWARD``: the queries of all S streams are
+        prepared once (the same denoising noise and selected proposals as one stacked pass); then each teacher
+        stream is decoded and scored in its own pass, whose gradients are taken at once (:class:`EarlyBackward`)
+        so that its activations are gone before the next pass; the student last. memory: (S*B, N, C)."""
+        dtype = torch.get_autocast_dtype(self.device.type)
+        if torch.is_autocast_enabled(self.device.type) and dtype == torch.float16:
+            raise ConfigError("Invalid config MODEL.KS.EARLY_TEACHER_BACKWARD=True under float16 autocast: the "
+                              "teachers' gradients are taken in the forward, before a gradient scaler scales "
+                              "them; use SOLVER.AMP.DTYPE bfloat16 or turn the key off")
+        mask = key_mask if self.decoder_padding_mask else None
+        rows, shared, extras = self.prepare_queries(memory, repeat_streams(mask, S) if mask is not None else None,
+                                                    targets, None if ctx is None else ctx.repeat(S), S)
+        dn = extras.get("dn")
+        early = EarlyBackward(self.parameters())
+        for s in range(1, S):
+            part = slice(s * B, (s + 1) * B)
+            hs, boxes = self.run_decoder({k: early.leaf(v, part) for k, v in rows.items()}, shared,
+                                         early.leaf(memory, part), mask, early.leaf(pos), ctx, 1)
+            kept = [(i, 0, suffix, w) for i, stream, suffix, w in self.ks.teacher_outputs(hs.shape[0]) if stream == s]
+            early.backward(self.criterion(self.stream_outputs(self.predict_logits(hs), boxes, B, kept, dn), targets))
+        # a copy of the student's memory rows: a view would keep every stream's rows alive until the backward
+        hs, boxes = self.run_decoder({k: v[:B] for k, v in rows.items()}, shared, memory[:B].clone(), mask, pos, ctx, 1)
+        outputs = self.loss_outputs(self.predict_logits(hs), boxes, B, 1, extras)
+        return {**self.criterion(outputs, targets), **early.losses()}
 
     def backbone_features(self, images):
         """(B, 3, H, W) normalised images -> the backbone's feature maps (channels-last with
@@ -286,13 +330,25 @@ class DETRBase(nn.Module):
         planned by :meth:`KnowledgeSharing.teacher_outputs`.
         """
         L = logits.shape[0]
-        dn = extras.get("dn")
-        P = dn["groups"] * dn["group_size"] if dn else 0
         kept = [(L - 1, 0, "", 1.0)]
         if self.aux_loss:
             kept += [(i, 0, f"_{i}", 1.0) for i in range(L - 1)]
         if streams > 1:
             kept += self.ks.teacher_outputs(L)
+        outputs = self.stream_outputs(logits, boxes, batch, kept, extras.get("dn"))
+        enc = extras.get("enc")
+        for s in range(enc["streams"] if enc else 0):
+            rows = slice(s * batch, (s + 1) * batch)
+            suffix, weight = ("_enc", 1.0) if s == 0 else ("_enc" + self.ks.suffix(s), self.ks.teacher_weight)
+            outputs.append(dict(pred_logits=enc["pred_logits"][rows], pred_boxes=enc["pred_boxes"][rows],
+                                suffix=suffix, weight=weight, class_agnostic=enc.get("class_agnostic", False)))
+        return outputs
+
+    @staticmethod
+    def stream_outputs(logits, boxes, batch, kept, dn):
+        """The criterion's outputs ``[(layer, stream, suffix, weight)]`` of ``kept`` from logits (L, S*B, P+Q, K)
+        and boxes (L, S*B, P+Q, 4); the P leading denoising queries (``dn``) become each output's "dn" entry."""
+        P = dn["groups"] * dn["group_size"] if dn else 0
         outputs = []
         for i, s, suffix, weight in kept:
             lg, bx = logits[i, s * batch : (s + 1) * batch], boxes[i, s * batch : (s + 1) * batch]
@@ -300,12 +356,6 @@ class DETRBase(nn.Module):
             if dn:
                 out["dn"] = dict(dn, pred_logits=lg[:, :P], pred_boxes=bx[:, :P])
             outputs.append(out)
-        enc = extras.get("enc")
-        for s in range(enc["streams"] if enc else 0):
-            rows = slice(s * batch, (s + 1) * batch)
-            suffix, weight = ("_enc", 1.0) if s == 0 else ("_enc" + self.ks.suffix(s), self.ks.teacher_weight)
-            outputs.append(dict(pred_logits=enc["pred_logits"][rows], pred_boxes=enc["pred_boxes"][rows],
-                                suffix=suffix, weight=weight, class_agnostic=enc.get("class_agnostic", False)))
         return outputs
 
     def prepare_targets(self, batched_inputs):

@@ -59,7 +59,7 @@ class DNDeformableDETR(DeformableDETR):
         tgt = self.tgt_embed.weight
         return torch.cat([tgt, torch.zeros_like(tgt[:, :1])], -1)[None].expand(rows, -1, -1)
 
-    def decode(self, memory, memory_mask, pos, targets=None, ctx=None, streams=1):
+    def prepare_queries(self, memory, memory_mask, targets=None, ctx=None, streams=1):
         rows = memory.shape[0]
         tgt = self.content_queries(rows)
         extras = {}
@@ -70,10 +70,13 @@ class DNDeformableDETR(DeformableDETR):
         tgt, anchors, attn_mask, dn = self.dn.prepend(tgt, anchors, targets, streams)
         if dn:
             extras["dn"] = dn
-        hs, refs = self.decoder(tgt, anchors, memory, memory_mask, ctx, self.bbox_embed, attn_mask)
-        boxes = torch.stack([(head(h) + inverse_sigmoid(r, self.box_logit_eps)).sigmoid()
-                             for head, h, r in zip(self.bbox_embed, hs, refs)])
-        return hs, boxes, extras
+        return {"tgt": tgt, "anchors": anchors}, {"attn_mask": attn_mask}, extras
+
+    def run_decoder(self, rows, shared, memory, memory_mask, pos, ctx=None, streams=1):
+        hs, refs = self.decoder(rows["tgt"], rows["anchors"], memory, memory_mask, ctx, self.bbox_embed,
+                                shared["attn_mask"])
+        return hs, torch.stack([(head(h) + inverse_sigmoid(r, self.box_logit_eps)).sigmoid()
+                                for head, h, r in zip(self.bbox_embed, hs, refs)])
 
 
 @META_ARCH_REGISTRY.register()

@@ -62,6 +62,7 @@ class KnowledgeSharing:
         self.teacher_layers = ks.TEACHER_DECODER_LAYERS
         self.teacher_weight = ks.TEACHER_LOSS_WEIGHT
         self.teacher_proposals = ks.TEACHER_PROPOSALS
+        self.early_backward = ks.EARLY_TEACHER_BACKWARD
         self.pad_pixels = ks.MASK.PAD_PIXELS
         self.sampling = ks.MASK.SAMPLING
         self.hidden_dim = d.HIDDEN_DIM
