@@ -417,6 +417,12 @@ def check_transformers_config(config):
     """Warnings (strings) about config.json settings where transformers' own forward is not the official one."""
     notes = []
     c = config or {}
+    rates = {k: float(c.get(k, 0.0)) for k in ("dropout", "attention_dropout", "activation_dropout") if k in c}
+    if len(set(rates.values())) > 1:
+        notes.append("config.json has " + ", ".join(f"{k}={v}" for k, v in rates.items()) + ": ks-detr has one "
+                     f"rate, MODEL.DETR.DROPOUT (set to {rates.get('dropout', 0.1)}), for the attention weights, the "
+                     "FFN activations and the residual branches, as the official code; a fine-tune from these weights "
+                     "drops out where transformers' training did not")
     if c.get("model_type") == "conditional_detr" and c.get("auxiliary_loss"):
         notes.append("config.json has auxiliary_loss=true: transformers' Conditional DETR then feeds each layer's "
                      "normed output to the next layer (the official code, and ours, the un-normed one); these "
@@ -480,7 +486,8 @@ def transformers_config(cfg, class_names=None):
                   num_queries=d.NUM_QUERIES, encoder_layers=d.ENC_LAYERS, decoder_layers=d.DEC_LAYERS,
                   encoder_ffn_dim=d.DIM_FEEDFORWARD, decoder_ffn_dim=d.DIM_FEEDFORWARD,
                   encoder_attention_heads=d.NHEADS, decoder_attention_heads=d.NHEADS,
-                  activation_function=d.ACTIVATION, dropout=d.DROPOUT, auxiliary_loss=False,
+                  activation_function=d.ACTIVATION, dropout=d.DROPOUT, attention_dropout=d.DROPOUT,
+                  activation_dropout=d.DROPOUT, auxiliary_loss=False,
                   id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                   focal_alpha=float(d.FOCAL_ALPHA))
     # loss weights and matcher costs (training with transformers; its config types them as integers)

@@ -339,6 +339,9 @@ def test_export_loads_in_transformers_and_round_trips(form, tmp_path, caplog, tr
     if form in REFINING:  # config.json carries the form; every layer keeps its own heads
         assert model.config.with_box_refine and model.config.two_stage == (form == "deformable_two_stage")
         assert model.class_embed[0].weight is not model.class_embed[1].weight
+    # transformers trains with our dropout: one rate for attention weights, FFN activations and residual branches
+    c = model.config
+    assert c.dropout == c.attention_dropout == c.activation_dropout == make_cfg(config, *TINY_OURS).MODEL.DETR.DROPOUT
     processor = transformers.AutoImageProcessor.from_pretrained(folder)
     assert processor.size == {"shortest_edge": 800, "longest_edge": 1333}  # our INPUT.MIN/MAX_SIZE_TEST
     processor.do_resize = False  # (the resize itself: detectron2's and transformers' interpolations differ)
@@ -346,9 +349,19 @@ def test_export_loads_in_transformers_and_round_trips(form, tmp_path, caplog, tr
     assert_same_detections(detections_hf(model, processor, image), detections_ours(ours, image))
 
     back, _ = convert(folder, config, caplog, *TINY_OURS)
+    assert "dropout" not in caplog.text  # the rates agree: no note
     original = ours.state_dict()
     assert set(back) == set(original)
     assert all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_dropout_rates_that_one_rate_cannot_hold_are_noted():
+    """transformers' defaults (dropout 0.1, attention and activation dropout 0) have no ks-detr equivalent: the
+    converter says what a fine-tune will do instead."""
+    notes = hf.check_transformers_config({"dropout": 0.1, "attention_dropout": 0.0, "activation_dropout": 0.0})
+    assert len(notes) == 1 and "dropout=0.1, attention_dropout=0.0, activation_dropout=0.0" in notes[0]
+    assert "MODEL.DETR.DROPOUT (set to 0.1)" in notes[0]
+    assert not hf.check_transformers_config({"dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1})
 
 
 def test_refused_forms(converted, tmp_path, caplog):

@@ -181,9 +181,13 @@ def sdpa_flop_jit(inputs, outputs):
 
 def count_gflops(model, tensors, train):
     """fvcore GFLOPs (one multiply-add = one flop) of the train or eval forward; on failure
-    ``(None, error string)``."""
+    ``(None, error string)``. With ``MODEL.KS.EARLY_TEACHER_BACKWARD`` the forward is traced as the stacked one
+    (the same network and FLOPs; the tracer cannot follow a backward taken inside the forward)."""
     wrapper = FlopWrapper(model).train(train)
+    early = model.ks is not None and model.ks.early_backward
     try:
+        if early:
+            model.ks.early_backward = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             flops = FlopCountAnalysis(wrapper, tensors)
@@ -193,6 +197,9 @@ def count_gflops(model, tensors, train):
                 return flops.total() / 1e9, None
     except Exception as e:  # noqa: BLE001 - reported in the JSON instead of crashing
         return None, f"{type(e).__name__}: {e}"
+    finally:
+        if early:
+            model.ks.early_backward = True
 
 
 # (attribute path on the model, method, phase): the forward phases a profile reports separately

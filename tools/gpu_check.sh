@@ -168,9 +168,10 @@ EOF
 benchmark() {
   local family=$1 limit=$2
   shift 2
-  step "benchmark_$family" "$limit" "$PY" tools/benchmark.py --config-file "configs/ks_${family}_r50.yaml" \
+  # "$@" (--variant KEY VALUE ...) before the next flag: its values end there, and MODEL_OPTS go to every model
+  step "benchmark_$family" "$limit" "$PY" tools/benchmark.py --config-file "configs/ks_${family}_r50.yaml" "$@" \
     --device "$DEVICE" --size "$SIZE" --batch "$BATCH" --iters "$ITERS" --warmup "$WARMUP" \
-    --output "$OUT/benchmark_$family.json" "$@" "${MODEL_OPTS[@]}"
+    --output "$OUT/benchmark_$family.json" "${MODEL_OPTS[@]}"
 }
 EARLY=(--variant MODEL.KS.EARLY_TEACHER_BACKWARD True)  # KS memory with the teachers' backward in the forward
 benchmark dn_deformable_detr 120 "${EARLY[@]}"
