@@ -28,6 +28,8 @@ CASES = [
     ("configs/ks_deformable_detr_two_stage_r50.yaml", ()),
     ("configs/ks_dn_deformable_detr_r50.yaml", ("MODEL.DETR.TWO_STAGE", True, "MODEL.KS.TEACHER_PROPOSALS", "student")),
     (family_config("dino", ks=True), ("MODEL.DETR.DN.NUM_QUERIES", 6, "MODEL.KS.MODE", "share_a")),
+    ("configs/ks_dn_deformable_detr_r50.yaml",
+     ("MODEL.KS.RECOMPUTE_DECODER", True, "MODEL.KS.RECOMPUTE_KS_LAYERS", True)),  # both ways of saving memory
 ]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -69,8 +71,9 @@ def losses_grads_and_held(model, inputs):
     return {k: v.detach() for k, v in losses.items()}, grads, held_bytes, sum(queries)
 
 
-@pytest.mark.parametrize("config,opts", CASES, ids=[c.split("/")[-1].removesuffix(".yaml") + ("+" if o else "")
-                                                     for c, o in CASES])
+@pytest.mark.parametrize("config,opts", CASES, ids=["conditional", "dab_share_v", "dn_2_teacher_layers", "deformable",
+                                                     "deformable_two_stage", "dn_deformable_student_proposals",
+                                                     "dino_share_a", "dn_deformable_recompute"])
 def test_early_teacher_backward_gives_the_stacked_gradients(config, opts):
     torch.manual_seed(0)
     model = build_model(make_cfg(config, *TINY, *opts))
@@ -86,6 +89,9 @@ def test_early_teacher_backward_gives_the_stacked_gradients(config, opts):
     assert grads_e.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(grads_e[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    if "MODEL.KS.RECOMPUTE_DECODER" in opts:  # the decoder layers keep only their inputs either way
+        assert held_e <= held
+        return
     # the stacked pass holds every stream's decoder activations (S*B rows); the early form what the baseline (the
     # student alone) holds, and the queries prepared for every stream (the student's rows are views of them)
     student = build_model(student_config(make_cfg(config, *TINY, *opts)))

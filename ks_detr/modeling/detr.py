@@ -346,8 +346,8 @@ class DETRBase(nn.Module):
 
     @staticmethod
     def stream_outputs(logits, boxes, batch, kept, dn):
-        """The criterion's outputs ``[(layer, stream, suffix, weight)]`` of ``kept`` from logits (L, S*B, P+Q, K)
-        and boxes (L, S*B, P+Q, 4); the P leading denoising queries (``dn``) become each output's "dn" entry."""
+        """The criterion's outputs of ``kept`` = [(layer, stream, suffix, weight)] from logits (L, S*B, P+Q, K) and
+        boxes (L, S*B, P+Q, 4); the P leading denoising queries (``dn``) become each output's "dn" entry."""
         P = dn["groups"] * dn["group_size"] if dn else 0
         outputs = []
         for i, s, suffix, weight in kept:
