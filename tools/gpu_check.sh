@@ -14,11 +14,11 @@
 #   ks_eval_vs_student      eval time of KS-DN-Deformable against the same weights loaded as its student, and
 #                           against a baseline of its own random init (what tools/benchmark.py compares), evals
 #                           back to back and each right after a train step of the same model
-#   benchmark_<family>      tools/benchmark.py --device cuda, KS and baseline, 2 x 1024^2, fp32, for
-#                           DN-Deformable, Conditional (both also with MODEL.KS.EARLY_TEACHER_BACKWARD True, the
-#                           "ks_variant") and DAB DETR
-#   side_by_side            tools/side_by_side.py --against transformers --device cuda (when the tool has the flag)
-#   benchmark_deformable_detr   the same for Deformable DETR
+#   benchmark_<family>      tools/benchmark.py --device cuda, KS and baseline, 2 x 1024^2, fp32: first for
+#                           DN-Deformable DETR, then (after side_by_side) Conditional, DAB and Deformable DETR;
+#                           DN-Deformable and Conditional also with MODEL.KS.EARLY_TEACHER_BACKWARD True (the
+#                           "ks_variant" of their JSON)
+#   side_by_side            tools/side_by_side.py --against transformers --device cuda
 # summary.tsv lists each step's status (ok, failed rc=N, timed out, not run: budget) and seconds.
 # Environment: OUT (default output/gpu_check), PYTHON (default .venv/bin/python if present, else python3),
 # GPU_CHECK_TINY, GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (step names to run, space-separated, e.g.
@@ -175,15 +175,10 @@ benchmark() {
 }
 EARLY=(--variant MODEL.KS.EARLY_TEACHER_BACKWARD True)  # KS memory with the teachers' backward in the forward
 benchmark dn_deformable_detr 120 "${EARLY[@]}"
+step side_by_side 150 "$PY" tools/side_by_side.py --against transformers --device "$DEVICE" --size "$SIZE" \
+  --batch "$BATCH" --rounds "$ROUNDS" --families "$SIDE_FAMILIES" --output "$OUT/side_by_side.json"
 benchmark conditional_detr 120 "${EARLY[@]}"
 benchmark dab_detr 90
-
-if "$PY" tools/side_by_side.py --help 2>/dev/null | grep -q -- '--against'; then
-  step side_by_side 150 "$PY" tools/side_by_side.py --against transformers --device "$DEVICE" --size "$SIZE" \
-    --batch "$BATCH" --rounds "$ROUNDS" --families "$SIDE_FAMILIES" --output "$OUT/side_by_side.json"
-elif [ -z "$STEPS" ] || [[ " $STEPS " == *" side_by_side "* ]]; then
-  printf 'side_by_side\tnot run: no --against flag\t0\n' >> "$OUT/summary.tsv"
-fi
 benchmark deformable_detr 90  # last: side_by_side times Deformable DETR too
 
 echo "== done in $((SECONDS - START))s; results in $OUT"
