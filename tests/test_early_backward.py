@@ -161,3 +161,18 @@ def test_bfloat16_autocast_gives_the_stacked_gradients(config, opts):
         sum(losses.values()).backward()
         flat.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert ((flat[1] - flat[0]).norm() / flat[0].norm()).item() < 0.01
+
+
+def test_a_shared_query_input_with_a_gradient_is_refused(monkeypatch):
+    """A family's ``prepare_queries`` puts trained tensors in its per-row dict, whose teacher rows get their gradients;
+    one among the shared inputs would lose them silently, so the early form refuses it."""
+    model = early_model()
+    prepare = model.prepare_queries
+
+    def trained_shared(*args):
+        rows, shared, extras = prepare(*args)
+        return rows, dict(shared, bias=model.query_embed.weight.sum()), extras
+
+    monkeypatch.setattr(model, "prepare_queries", trained_shared)
+    with EventStorage(), pytest.raises(TypeError, match=r"shared inputs \['bias'\] need a gradient"):
+        model(toy_inputs(SIZES))

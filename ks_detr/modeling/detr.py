@@ -287,6 +287,9 @@ class DETRBase(nn.Module):
         mask = key_mask if self.decoder_padding_mask else None
         rows, shared, extras = self.prepare_queries(memory, repeat_streams(mask, S) if mask is not None else None,
                                                     targets, None if ctx is None else ctx.repeat(S), S)
+        if trained := [k for k, v in shared.items() if torch.is_tensor(v) and v.requires_grad]:
+            raise TypeError(f"{type(self).__name__}.prepare_queries: shared inputs {trained} need a gradient; per-row "
+                            "tensors belong in its rows (the teacher passes take their gradients there)")
         dn = extras.get("dn")
         early = EarlyBackward(self.parameters())
         for s in range(1, S):
