@@ -59,6 +59,7 @@ def train_step(model, inputs, dtype, device):
     and one AdamW step. Returns the losses, the unscaled gradients ({name: float64 tensor}) and the scale after
     the step (None without float16)."""
     model.train()
+    model.zero_grad(set_to_none=True)  # a run's gradients are its own, not added to the last run's
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device, init_scale=SCALE, enabled=dtype == torch.float16)
     torch.manual_seed(1)  # the same dropout masks and denoising noise in every run
@@ -164,3 +165,26 @@ def test_torchscript_export_runs_on_the_device(device, config, tmp_path, one_thr
         torch.testing.assert_close(boxes, ref.pred_boxes.tensor, atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(scores, ref.scores, atol=1e-5, rtol=1e-4)
         assert torch.equal(classes, ref.pred_classes)
+
+
+EARLY_CASES = ["configs/ks_conditional_detr_r50.yaml", "configs/ks_dn_deformable_detr_r50.yaml",
+               "configs/ks_dino_r50_4scale_12ep.yaml"]
+
+
+@pytest.mark.parametrize("device, config", on_devices(EARLY_CASES, "configs/ks_dn_deformable_detr_r50.yaml"))
+def test_early_teacher_backward_gives_the_stacked_gradients(device, config, one_thread):
+    """``MODEL.KS.EARLY_TEACHER_BACKWARD`` (on CUDA the deformable teachers sample with the Triton kernels inside
+    the forward's backward): the stacked step's gradients, in float32 and bfloat16 (relative norm of the
+    difference; tests/test_early_backward.py compares every tensor on CPU)."""
+    model = tiny_model(config, device, "MODEL.DETR.DROPOUT", 0.0, *(("MODEL.DETR.DN.NUM_QUERIES", 12)
+                                                                    if "dino" in config else ()))
+    inputs = toy_batch(model)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+        grads = []
+        for early in (False, True):
+            model.load_state_dict(start)
+            model.ks.early_backward = early
+            grads.append(flat(train_step(model, inputs, dtype, device)[1]))
+        difference = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+        assert difference <= tolerance, (dtype, difference)
