@@ -30,9 +30,10 @@ def add_ks_detr_config(cfg):
     _C.NUM_FEATURE_LEVELS = 1  # levels; more than IN_FEATURES adds stride-2 convs (Deformable)
     _C.DEFORMABLE_POINTS = 4  # sampling points per head and level (Deformable family)
     # how multi-scale deformable attention samples (Deformable families and their KS triple attention):
-    # auto (Triton kernels, forward and backward, on CUDA; PyTorch elsewhere and while tracing/exporting/compiling)
-    # | pytorch (grid_sample, the reference) | triton (CUDA tensors; on CPU only under TRITON_INTERPRET=1, set
-    # before Python starts)
+    # auto (Triton kernels, forward and backward, on CUDA, once they match the PyTorch path on a small problem of the
+    # same shape, checked at the first call; PyTorch elsewhere, while tracing/exporting/compiling, or after a failed
+    # check, which is logged) | pytorch (grid_sample, the reference) | triton (CUDA tensors, no check; on CPU only
+    # under TRITON_INTERPRET=1, set before Python starts)
     _C.DEFORMABLE_ATTN_IMPL = "auto"
     _C.POS_OFFSET = 0.0  # offset of the normalised sine position cumsum (Deformable: -0.5)
     _C.HIDDEN_DIM = 256  # transformer width C

@@ -9,9 +9,11 @@ a subprocess started with ``TRITON_INTERPRET=1``, where the tests using the ``in
 a process without it: ``TRITON_INTERPRET=1 pytest tests/test_deformable_triton.py`` runs them directly). The ``cuda``
 tests compile the kernels on a GPU when there is one and skip otherwise.
 """
+import functools
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ import torch
 from ks_detr.errors import ConfigError
 from ks_detr.modeling.ks import DeformableTripleAttention
 from ks_detr.modeling.layers import MSDeformAttn, MultiScaleContext, deformable_sample
+from ks_detr.modeling.layers import deformable_attention
 from ks_detr.modeling.layers.deformable_attention import IMPL_KEY, resolve_impl
 
 triton_deformable = pytest.importorskip("ks_detr.modeling.layers.triton_deformable",
@@ -199,6 +202,57 @@ def test_triton_on_cpu_without_interpreter_names_the_key():
         resolve_impl("cuda", value)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_kernels_pass_their_first_use_check(interpreter, dtype):
+    """What "auto" runs once per signature on a GPU before using the kernels (here: interpreted, on CPU)."""
+    deformable_attention._triton_check.cache_clear()
+    assert deformable_attention._triton_check(torch.device("cpu"), dtype, 4, 3, 2)
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    """Stand-in Triton modules for :func:`_triton_usable` (no kernel runs): ``fake_kernels(sample)``."""
+    deformable_attention._triton_check.cache_clear()
+    monkeypatch.setattr(deformable_attention, "_triton_check",
+                        functools.lru_cache(maxsize=None)(deformable_attention._triton_check.__wrapped__))
+
+    def install(sample):
+        calls = []
+
+        def counted(*args):
+            calls.append(1)
+            return sample(*args)
+
+        monkeypatch.setattr(deformable_attention, "_triton_module",
+                            lambda: (types.SimpleNamespace(triton_deformable_sample=counted), None))
+        return calls
+    return install
+
+
+def test_auto_falls_back_to_pytorch_when_the_kernels_fail_their_check(fake_kernels, caplog):
+    """On a GPU where the kernels fail (compiler error, no kernel image for the architecture) or compute
+    something else, "auto" says why once and samples with the PyTorch path."""
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = (t.detach() for t in inputs(shapes, D=8))
+    usable = deformable_attention._triton_usable
+    calls = fake_kernels(lambda *a: deformable_sample(*a))  # computes what the PyTorch path computes
+    assert usable(value, loc, weights) and usable(value, loc, weights) and len(calls) == 1  # checked once
+    assert usable(value.double(), loc.double(), weights.double()) and len(calls) == 2  # per signature
+    assert not caplog.records
+    fake_kernels(lambda *a: deformable_sample(*a) * 1.001)
+    assert not usable(value, loc[..., :1, :], weights[..., :1])  # another signature (P = 1): checked, fails
+    assert "the output differs from the PyTorch path's" in caplog.text and IMPL_KEY in caplog.text
+    caplog.clear()
+
+    def no_kernel(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    fake_kernels(no_kernel)
+    assert not usable(value[..., :4], loc, weights)
+    assert "RuntimeError: no kernel image is available" in caplog.text and "PyTorch path instead" in caplog.text
+    assert usable(value, loc, weights)  # a signature that passed stays usable
+
+
 def test_every_deformable_attention_of_a_ks_model_gets_the_key():
     from detectron2.modeling import build_model
 
@@ -238,6 +292,7 @@ def test_cuda_matches_pytorch(compiled, dtype, shapes):
     # float32: the value gradient is summed by atomic adds in another order than grid_sample's backward
     assert_match(value, shapes, loc, weights, TOL[dtype] if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4))
     assert resolve_impl("auto", value) == "triton"
+    assert resolve_impl("auto", value, loc, weights) == "triton"  # the kernels pass their first-use check
 
 
 @pytest.mark.cuda

@@ -6,6 +6,7 @@ Tokens of all levels are flattened and concatenated level by level: ``(B, N, C)`
 N = sum(h_l * w_l); :class:`MultiScaleContext` records that layout.
 """
 import functools
+import logging
 import math
 from dataclasses import dataclass, replace
 
@@ -19,6 +20,7 @@ from .transformer import upcast
 
 IMPL_KEY = "MODEL.DETR.DEFORMABLE_ATTN_IMPL"
 IMPLS = ("auto", "pytorch", "triton")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,21 +71,75 @@ def _triton_module():
     return triton_deformable, None
 
 
-def resolve_impl(impl, value):
+def _check_problem(device, dtype, D, L, P):
+    """A seeded problem of this signature, small: value (2, N, 2, D), locations (2, 9, 2, L, P, 2) in [-0.1, 1.1]
+    (some outside the maps), softmax weights, levels (7, 6), (5, 4), ..."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(max(7 - 2 * lvl, 1), max(6 - 2 * lvl, 1)) for lvl in range(L)]
+    value = torch.randn(2, sum(h * w for h, w in shapes), 2, D, generator=g, dtype=dtype)
+    locations = torch.rand(2, 9, 2, L, P, 2, generator=g, dtype=dtype) * 1.2 - 0.1
+    weights = torch.randn(2, 9, 2, L * P, generator=g, dtype=dtype).softmax(-1).view(2, 9, 2, L, P)
+    return shapes, [t.to(device) for t in (value, locations, weights)]
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_check(device, dtype, D, L, P):
+    """Whether the Triton kernels, on ``device`` for this signature (compute dtype, head size D, L levels, P
+    points), give what the PyTorch path gives on :func:`_check_problem`: the output and the gradients of value,
+    locations and weights, to 1e-4 of their largest magnitude (float64: 1e-9). Run once per signature, on the
+    first "auto" call (it compiles the kernels that call would compile); on a failure or a difference it says
+    why once and returns False."""
+    shapes, tensors = _check_problem(device, dtype, D, L, P)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    try:
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            results = []
+            for sample in (_triton_module()[0].triton_deformable_sample, deformable_sample):
+                inputs = [t.clone().requires_grad_() for t in tensors]
+                out = sample(inputs[0], shapes, inputs[1], inputs[2])
+                grad_out = torch.ones_like(out).cumsum(-1).sin()  # a fixed, varied upstream gradient
+                results.append([out.detach(), *torch.autograd.grad(out, inputs, grad_out)])
+        for name, t, p in zip(("output", "value gradient", "location gradient", "weight gradient"), *results):
+            scale = p.abs().max().item()
+            if not (t.shape == p.shape and (t - p).abs().max().item() <= tol * max(scale, 1.0)):
+                raise ValueError(f"the {name} differs from the PyTorch path's by "
+                                 f"{(t - p).abs().max().item():.3g} (largest value {scale:.3g})")
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels here
+        log.warning("%s='auto': the Triton kernels failed their check on %s (%s, D=%d, L=%d, P=%d): %s: %s. "
+                    "Sampling with the PyTorch path instead ('triton' would use the kernels regardless, "
+                    "'pytorch' skips the check).", IMPL_KEY, device, dtype, D, L, P, type(e).__name__, e)
+        return False
+    return True
+
+
+def _triton_usable(value, locations=None, weights=None):
+    """Triton imports and, given the locations and weights, its kernels passed :func:`_triton_check` for this
+    signature on this device."""
+    if _triton_module()[0] is None:
+        return False
+    if locations is None or weights is None:
+        return True
+    dtype = torch.promote_types(torch.promote_types(value.dtype, locations.dtype),
+                                torch.promote_types(weights.dtype, torch.float32))
+    return _triton_check(value.device, dtype, value.shape[-1], locations.shape[-3], locations.shape[-2])
+
+
+def resolve_impl(impl, value, locations=None, weights=None):
     """The implementation that samples ``value``: "pytorch" or "triton".
 
     ``impl`` ("auto" | "pytorch" | "triton", ``MODEL.DETR.DEFORMABLE_ATTN_IMPL``): "auto" takes Triton for
-    CUDA tensors when Triton imports, and PyTorch elsewhere and while tracing, exporting or compiling
-    (``torch.jit.trace``, ``torch.export``, ``torch.compile`` see the PyTorch operators). "triton" on CPU
-    tensors needs Triton's interpreter (``TRITON_INTERPRET=1`` in the environment before Python starts) and
-    raises :class:`ConfigError` otherwise.
+    CUDA tensors when Triton imports and its kernels pass a check against the PyTorch path on the first call of
+    each signature (given ``locations`` and ``weights``: :func:`_triton_check`), and PyTorch elsewhere and while
+    tracing, exporting or compiling (``torch.jit.trace``, ``torch.export``, ``torch.compile`` see the PyTorch
+    operators). "triton" on CPU tensors needs Triton's interpreter (``TRITON_INTERPRET=1`` in the environment
+    before Python starts) and raises :class:`ConfigError` otherwise.
     """
     if impl == "pytorch":
         return "pytorch"
     if impl == "auto":
         if not value.is_cuda or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return "pytorch"
-        return "triton" if _triton_module()[0] is not None else "pytorch"
+        return "triton" if _triton_usable(value, locations, weights) else "pytorch"
     if impl != "triton":
         raise ConfigError(f"Invalid config {IMPL_KEY}={impl!r}: choose one of {IMPLS}")
     module, why = _triton_module()
@@ -110,7 +166,7 @@ def deformable_sample(value, shapes, locations, weights, impl="pytorch"):
         (B, Lq, H * D), or (W, B, Lq, H * D), in at least float32: 16-bit values and locations are
         sampled in float32 (a bfloat16 location near 1 is off by up to 0.2 cells of a 100-cell map).
     """
-    if impl != "pytorch" and resolve_impl(impl, value) == "triton":
+    if impl != "pytorch" and resolve_impl(impl, value, locations, weights) == "triton":
         return _triton_module()[0].triton_deformable_sample(value, shapes, locations, weights)
     B, _, H, D = value.shape
     Lq, L, P = locations.shape[1], locations.shape[3], locations.shape[4]
