@@ -92,7 +92,8 @@ def _triton_check(device, dtype, D, L, P):
     shapes, tensors = _check_problem(device, dtype, D, L, P)
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     try:
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        # its own tensors with gradients, also when the first call comes under no_grad, inference_mode or autocast
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
             results = []
             for sample in (_triton_module()[0].triton_deformable_sample, deformable_sample):
                 inputs = [t.clone().requires_grad_() for t in tensors]
