@@ -215,6 +215,18 @@ def test_benchmark_variant_needs_key_value_pairs():
     assert "--variant takes KEY VALUE pairs, got ['MODEL.KS.RECOMPUTE_DECODER']" in r.stderr.strip().splitlines()[-1]
 
 
+def test_benchmark_overrides_before_the_variant_go_to_every_model():
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(REPO, "tools", "benchmark.py"))
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    args = benchmark.parse_args(["--config-file", "c.yaml", "--iters", "1", "MODEL.DETR.HIDDEN_DIM", "64",
+                                 "--variant", "MODEL.KS.EARLY_TEACHER_BACKWARD", "True"])
+    assert args.opts == ["MODEL.DETR.HIDDEN_DIM", "64"] and args.variant == ["MODEL.KS.EARLY_TEACHER_BACKWARD", "True"]
+    args = benchmark.parse_args(["--config-file", "c.yaml", "--variant", "MODEL.KS.RECOMPUTE_DECODER", "True",
+                                 "--iters", "1", "MODEL.DETR.HIDDEN_DIM", "64"])
+    assert args.opts == ["MODEL.DETR.HIDDEN_DIM", "64"] and args.variant == ["MODEL.KS.RECOMPUTE_DECODER", "True"]
+
+
 def test_benchmark_peak_allocated_counts_step_start_and_transients():
     """benchmark.py's CPU peak of allocated memory: the tensors alive when a step starts (parameters,
     gradients, optimizer state, inputs) plus the largest net allocation inside the step; memory that

@@ -64,13 +64,17 @@ def parse_args(argv=None):
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast around the forward")
     parser.add_argument("--variant", nargs="+", metavar="KEY VALUE",
                         help="also measure the KS model with these extra overrides (model ks_variant), "
-                             "e.g. --variant MODEL.KS.RECOMPUTE_DECODER True")
+                             "e.g. --variant MODEL.KS.RECOMPUTE_DECODER True; its pairs run to the next flag or "
+                             "the end, so config overrides for every model go before it")
     parser.add_argument("--profile", action="store_true",
                         help="also profile 2 train steps per model (torch.profiler): time per phase")
     parser.add_argument("--output", help="also write the JSON here")
     parser.add_argument("--memory-child", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
+    if "--variant" in args.opts:  # "KEY VALUE ... --variant KEY VALUE": the overrides took the rest along
+        i = args.opts.index("--variant")
+        args.opts, args.variant = args.opts[:i], (args.variant or []) + args.opts[i + 1:]
     if args.variant and len(args.variant) % 2:
         parser.error(f"--variant takes KEY VALUE pairs, got {args.variant!r}")
     return args
