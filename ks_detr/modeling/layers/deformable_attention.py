@@ -71,6 +71,12 @@ def _triton_module():
     return triton_deformable, None
 
 
+def sampling_dtype(value, locations, weights):
+    """The dtype the Triton kernels sample in: the inputs' promoted dtype, at least float32."""
+    return torch.promote_types(torch.promote_types(value.dtype, locations.dtype),
+                               torch.promote_types(weights.dtype, torch.float32))
+
+
 def _check_problem(device, dtype, D, L, P):
     """A seeded problem of this signature, small: value (2, N, 2, D), locations (2, 9, 2, L, P, 2) in [-0.1, 1.1]
     (some outside the maps), softmax weights, levels (7, 6), (5, 4), ..."""
@@ -120,9 +126,8 @@ def _triton_usable(value, locations=None, weights=None):
         return False
     if locations is None or weights is None:
         return True
-    dtype = torch.promote_types(torch.promote_types(value.dtype, locations.dtype),
-                                torch.promote_types(weights.dtype, torch.float32))
-    return _triton_check(value.device, dtype, value.shape[-1], locations.shape[-3], locations.shape[-2])
+    return _triton_check(value.device, sampling_dtype(value, locations, weights), value.shape[-1],
+                         locations.shape[-3], locations.shape[-2])
 
 
 def resolve_impl(impl, value, locations=None, weights=None):

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .deformable_attention import sampling_dtype
+
 KERNELS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_deformable_kernels.py")
 BLOCK_Q = 32  # queries per program
 
@@ -106,8 +108,7 @@ def triton_deformable_sample(value, shapes, locations, weights):
     """:func:`deformable_sample` with the Triton kernels: value (B, N, H, D), locations (B, Lq, H, L, P, 2),
     weights (B, Lq, H, L, P) or (W, B, Lq, H, L, P) -> (B, Lq, H * D) or (W, B, Lq, H * D), in the
     promoted dtype of the inputs (at least float32)."""
-    dtype = torch.promote_types(torch.promote_types(value.dtype, locations.dtype),
-                                torch.promote_types(weights.dtype, torch.float32))
+    dtype = sampling_dtype(value, locations, weights)
     sets = weights.shape[:-5]
     B, _, H, D = value.shape
     Lq = locations.shape[1]
