@@ -102,9 +102,11 @@ def get_parser():
 
 if __name__ == "__main__":
     args = get_parser().parse_args()
+    error_dir = None
     if args.num_gpus * args.num_machines > 1:
         forward_signals_to_workers()
-        os.environ[ERROR_FILE_ENV] = os.path.join(tempfile.mkdtemp(prefix="ks_detr_"), "error.txt")
+        error_dir = tempfile.TemporaryDirectory(prefix="ks_detr_")  # where a worker leaves its user error
+        os.environ[ERROR_FILE_ENV] = os.path.join(error_dir.name, "error.txt")
     try:
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
@@ -112,3 +114,6 @@ if __name__ == "__main__":
         if e.exit_code == USER_ERROR_EXIT_CODE:
             repeat_worker_error()
         sys.exit(e.exit_code if e.exit_code in (PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE) else 1)
+    finally:
+        if error_dir is not None:
+            error_dir.cleanup()

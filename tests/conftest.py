@@ -1,7 +1,9 @@
 """Shared helpers: configs for small CPU models, hand-made detectron2 inputs, train_net.py runs."""
+import atexit
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,8 +15,17 @@ from detectron2.structures import Boxes, Instances
 from ks_detr import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def session_tempdir(prefix):
+    """A folder removed when the process that made it exits (not by the worker processes it starts)."""
+    path, owner = tempfile.mkdtemp(prefix=prefix), os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
 # the image check cache of --register-coco (ks_detr/data/custom.py) stays out of the user's home
-os.environ["KS_DETR_CACHE"] = tempfile.mkdtemp(prefix="ks_detr_test_cache_")
+os.environ["KS_DETR_CACHE"] = session_tempdir("ks_detr_test_cache_")
 
 
 def make_cfg(config="configs/ks_conditional_detr_r50.yaml", *opts):

@@ -29,7 +29,6 @@ import contextlib
 import copy
 import importlib.util
 import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -42,7 +41,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
-from conftest import REPO, make_cfg
+from conftest import REPO, make_cfg, session_tempdir
 from ks_detr import add_ks_detr_config, build_optimizer
 from ks_detr.data import DetrDatasetMapper
 from ks_detr.data.images import MAX_PIXELS_ENV
@@ -51,7 +50,7 @@ from ks_detr.engine import Trainer, keep_freed_cpu_memory
 from ks_detr.errors import ConfigError
 from ks_detr.modeling.layers import MSDeformAttn, transformer
 
-WORK = tempfile.mkdtemp(prefix="ks_detr_test_config_keys_")
+WORK = session_tempdir("ks_detr_test_config_keys_")
 TRAIN, OTHER = "ks_config_keys_train", "ks_config_keys_other"  # registered below
 # Tiny models: a ResNet-50 at 1/8 width (bottleneck blocks, so that every RESNETS key is read), width 32
 TINY = ("MODEL.DETR.HIDDEN_DIM", 32, "MODEL.DETR.NHEADS", 2, "MODEL.DETR.DIM_FEEDFORWARD", 32,

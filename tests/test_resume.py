@@ -70,7 +70,8 @@ def kill_after(out, max_iter, checkpoint, delay):
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     train(out, 6)
-    return weights(out / "model_final.pth")
+    yield weights(out / "model_final.pth")
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def test_kill_and_resume_gives_identical_weights(tmp_path, uninterrupted):
@@ -234,7 +235,8 @@ def finished_run(tmp_path_factory, trees_dataset):
     out = tmp_path_factory.mktemp("finished") / "run"
     rc, log = run_history(out, 3)
     assert rc == 0, log[-3000:]
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)
 
 
 def copy_run(src, dst):

@@ -4,6 +4,7 @@ it), and real two-process training through submitit's LocalExecutor on CPU, also
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -176,7 +177,8 @@ def local_run(tmp_path_factory):
     start = time.time()
     results = wait(launch(out))
     print(f"2-process local run: {time.time() - start:.1f} s")
-    return out, results
+    yield out, results
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def test_two_processes_through_local_executor(local_run):

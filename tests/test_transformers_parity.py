@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 
 import numpy as np
@@ -101,9 +102,10 @@ def converted(tmp_path_factory):
     out = {}
     for form, (_, config, _) in FORMS.items():
         model = random_hf_model(form)
-        folder = str(tmp_path_factory.mktemp(form))
+        folder = tmp_path_factory.mktemp(form)
         model.save_pretrained(folder)
-        sd, keys = convert(folder, config, caplog)
+        sd, keys = convert(str(folder), config, caplog)
+        shutil.rmtree(folder)
         ours = build_model(make_cfg(config, *keys)).eval()
         ours.load_state_dict(sd, strict=True)
         out[form] = (model, ours, keys)

@@ -260,8 +260,8 @@ def against_transformers(args):
     tensors = bm.make_tensors(bm.parse_args(["--config-file", "-", "--batch", str(args.batch), "--size",
                                              str(args.size), *BENCH_ARGS]), NUM_CLASSES)
     families = args.families.split(",")
-    pairs = {f: TransformersPair(f, tensors, args.device, tempfile.mkdtemp(prefix=f"side_by_side_{f}_"))
-             for f in families}
+    with tempfile.TemporaryDirectory(prefix="side_by_side_") as work:  # the save_pretrained folders
+        pairs = {f: TransformersPair(f, tensors, args.device, os.path.join(work, f)) for f in families}
     jobs = [(f, who, phase) for f in families for who in ("ours", "theirs") for phase in ("train", "eval")]
     for f, who, phase in jobs:  # warmup
         pairs[f].step(who, phase)
@@ -350,7 +350,8 @@ def main():
 
     import torch
     import benchmark as bm
-    tensor_file = os.path.join(tempfile.mkdtemp(prefix="side_by_side_"), "batch.pt")
+    work = tempfile.TemporaryDirectory(prefix="side_by_side_")
+    tensor_file = os.path.join(work.name, "batch.pt")
     torch.save(bm.make_tensors(bm.parse_args(["--config-file", "-", "--batch", str(args.batch), "--size",
                                               str(args.size), *BENCH_ARGS]), NUM_CLASSES), tensor_file)
     workers = {}
@@ -368,6 +369,7 @@ def main():
     finally:
         for w in workers.values():
             w.close()
+        work.cleanup()
     res = {n: {"median": statistics.median(samples[n]), "samples": samples[n], "loss_terms": losses[n],
                "params": owner[n].params[n]} for n in names}
     print(f"{'model':26s} {'median s':>9s} {'params':>11s} loss terms  samples")
