@@ -167,7 +167,8 @@ def build_transformers_pair(family, folder, num_classes, device):
     outs = ["stage2", "stage3", "stage4"] if family == "deformable" else ["stage4"]
     hf_cfg = getattr(transformers, f"{prefix}Config")(
         backbone_config=transformers.ResNetConfig(out_features=outs), use_timm_backbone=False,
-        use_pretrained_backbone=False, num_labels=num_classes, auxiliary_loss=True)
+        use_pretrained_backbone=False, num_labels=num_classes, auxiliary_loss=True,
+        dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)  # ours has one rate for the three
     torch.manual_seed(0)
     theirs = getattr(transformers, f"{prefix}ForObjectDetection")(hf_cfg)
     theirs.save_pretrained(folder)
