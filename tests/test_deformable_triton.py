@@ -206,7 +206,8 @@ def test_triton_on_cpu_without_interpreter_names_the_key():
 def test_the_kernels_pass_their_first_use_check(interpreter, dtype):
     """What "auto" runs once per signature on a GPU before using the kernels (here: interpreted, on CPU)."""
     deformable_attention._triton_check.cache_clear()
-    assert deformable_attention._triton_check(torch.device("cpu"), dtype, 4, 3, 2)
+    assert deformable_attention._triton_check(torch.device("cpu"), dtype, 2, 4, 3, 2, "other", "other", "other")
+    assert deformable_attention._triton_check(torch.device("cpu"), dtype, 3, 4, 2, 2, "1", "x16", "x16")
 
 
 @pytest.fixture
@@ -253,6 +254,58 @@ def test_auto_falls_back_to_pytorch_when_the_kernels_fail_their_check(fake_kerne
     assert not usable(value[..., :4], loc, weights)
     assert "RuntimeError: no kernel image is available" in caplog.text and "PyTorch path instead" in caplog.text
     assert usable(value, loc, weights)  # a signature that passed stays usable
+
+
+def test_the_check_compiles_what_the_call_compiles(fake_kernels):
+    """The check's problem has the call's heads, head size, levels and points (compile-time constants of the
+    kernels) and B, N and Lq of the same class Triton compiles integers for (1, a multiple of 16, other); each
+    signature is checked once."""
+    seen = []
+    calls = fake_kernels(lambda v, s, loc, w: seen.append((v.shape, loc.shape)) or deformable_sample(v, s, loc, w))
+    usable = deformable_attention._triton_usable
+    for B, shapes, Lq, H in ((1, [(4, 8)], 16, 3), (2, [(3, 5), (2, 2)], 7, 8), (32, [(4, 4), (4, 4)], 1, 8)):
+        g = torch.Generator().manual_seed(0)
+        value = torch.randn(B, sum(h * w for h, w in shapes), H, 4, generator=g)
+        loc = torch.rand(B, Lq, H, len(shapes), 2, 2, generator=g)
+        weights = torch.rand(B, Lq, H, len(shapes), 2, generator=g)
+        assert usable(value, loc, weights) and usable(value, loc, weights)
+        (vb, vn, vh, vd), (lb, lq, lh, ll, lp, _) = seen[-1]
+        assert (vh, vd, lh, ll, lp) == (H, 4, H, len(shapes), 2)
+        for call, check in ((B, vb), (value.shape[1], vn), (Lq, lq)):
+            assert deformable_attention._int_class(check) == deformable_attention._int_class(call), (call, check)
+    assert len(calls) == 3
+
+
+def test_the_check_inside_a_recomputed_layer(fake_kernels):
+    """A first call inside a recomputed (checkpointed) layer: the check's own graph stays out of the checkpoint,
+    the kernels pass, and the layer's backward recomputes and gives the gradient it gives without the check."""
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = (t.detach() for t in inputs(shapes, D=8))
+    calls = fake_kernels(lambda *a: deformable_sample(*a))
+
+    def layer(x):
+        y = x.sin()
+        assert deformable_attention._triton_usable(value, loc, weights)
+        return (y * y).sum()
+
+    x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).backward()
+    torch.testing.assert_close(x.grad, 2 * x.sin() * x.cos())
+    assert len(calls) == 1
+
+
+def test_running_out_of_memory_in_the_check_is_raised_not_remembered(fake_kernels):
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = (t.detach() for t in inputs(shapes, D=8))
+
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    fake_kernels(oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        deformable_attention._triton_usable(value, loc, weights)
+    calls = fake_kernels(lambda *a: deformable_sample(*a))
+    assert deformable_attention._triton_usable(value, loc, weights) and len(calls) == 1  # checked again
 
 
 def test_every_deformable_attention_of_a_ks_model_gets_the_key():

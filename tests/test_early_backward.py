@@ -176,3 +176,38 @@ def test_a_shared_query_input_with_a_gradient_is_refused(monkeypatch):
     monkeypatch.setattr(model, "prepare_queries", trained_shared)
     with EventStorage(), pytest.raises(TypeError, match=r"shared inputs \['bias'\] need a gradient"):
         model(toy_inputs(SIZES))
+
+
+
+def _pass_loss(inp, w, b1, b2):
+    """A pass's loss from ``inp`` (8,), computed in float32 (under autocast too); ``b1`` and ``b2`` are added
+    to the same tensor, so that autograd hands both the same gradient tensor."""
+    with torch.autocast("cpu", enabled=False):
+        y = (inp @ w).sin() @ w.t()
+    return ((y + b1 + b2) ** 2).sum()
+
+
+def test_gradients_taken_early_are_those_of_a_backward_after_the_forward():
+    """The early gradients run without the forward's autocast (a float32 region stays float32 in the backward, as
+    in a backward after the forward), and parameters handed the same gradient tensor keep their own sums."""
+    from ks_detr.modeling.ks.early_backward import EarlyBackward
+
+    g = torch.Generator().manual_seed(0)
+    x0, w0, b0 = torch.randn(2, 8, generator=g), torch.randn(8, 4, generator=g), torch.randn(8, generator=g)
+    grads = []
+    for early_mode in (False, True):
+        x = x0.clone().requires_grad_()
+        w, b1, b2 = (torch.nn.Parameter(t.clone()) for t in (w0, b0, -b0))
+        early, losses = EarlyBackward([w, b1, b2]), {}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for i in range(2):
+                if early_mode:
+                    early.backward({f"loss_{i}": _pass_loss(early.leaf(x, i), w, b1, b2)})
+                else:
+                    losses[f"loss_{i}"] = _pass_loss(x[i], w, b1, b2)
+            if early_mode:
+                losses = early.losses()
+        sum(losses.values()).backward()
+        grads.append([t.grad for t in (x, w, b1, b2)])
+    for name, ref, got in zip(("x", "w", "b1", "b2"), *grads):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7, msg=name)

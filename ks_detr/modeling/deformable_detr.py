@@ -159,7 +159,7 @@ class DeformableDETR(DETRBase):
         if self.two_stage:  # queries from the proposals: [query_pos ; tgt] = norm(pos_trans(sine(x, y, w, h)))
             anchors, extras["enc"] = self.select_proposals(memory, memory_mask, ctx, streams)
             reference = anchors.sigmoid()
-            embed = sine_embed_points(reference[..., [1, 0, 2, 3]], C // 2)  # (y, x) swapped back: x, y, w, h
+            embed = sine_embed_points(reference, C // 2, swap_xy=False)  # x, y, w, h as the original code
             query_pos, tgt = self.pos_trans_norm(self.pos_trans(embed.to(memory.dtype))).split(C, -1)
         else:
             query_pos, tgt = self.query_embed.weight.split(C, 1)

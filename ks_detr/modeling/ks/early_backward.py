@@ -65,7 +65,9 @@ class EarlyBackward:
         if not torch.is_grad_enabled():
             return
         leaves = [leaf for leaf, _, _ in pending]
-        grads = torch.autograd.grad(sum(losses.values()), leaves + self.params, allow_unused=True)
+        total = sum(losses.values())
+        with torch.autocast(total.device.type, enabled=False):  # as a backward after the forward runs
+            grads = torch.autograd.grad(total, leaves + self.params, allow_unused=True)
         for (_, index, rows), grad in zip(pending, grads):
             if grad is None:
                 continue
@@ -75,7 +77,8 @@ class EarlyBackward:
             (buffer if rows is None else buffer[rows]).add_(grad)
         for k, grad in enumerate(grads[len(leaves):]):
             if grad is not None:
-                self.param_grads[k] = grad if self.param_grads[k] is None else self.param_grads[k].add_(grad)
+                # out of place: autograd may hand the same tensor to two parameters
+                self.param_grads[k] = grad if self.param_grads[k] is None else self.param_grads[k] + grad
 
     def losses(self):
         """{name: scalar} of every pass; their backward adds the gradients taken, times the upstream gradient."""

@@ -77,29 +77,45 @@ def sampling_dtype(value, locations, weights):
                                torch.promote_types(weights.dtype, torch.float32))
 
 
-def _check_problem(device, dtype, D, L, P):
-    """A seeded problem of this signature, small: value (2, N, 2, D), locations (2, 9, 2, L, P, 2) in [-0.1, 1.1]
-    (some outside the maps), softmax weights, levels (7, 6), (5, 4), ..."""
+def _int_class(n):
+    """How Triton compiles for an integer argument: "1", "x16" (a multiple of 16) or "other"."""
+    return "1" if n == 1 else "x16" if n % 16 == 0 else "other"
+
+
+def _check_problem(device, dtype, H, D, L, P, b_class, n_class, q_class):
+    """A seeded small problem: value (B, N, H, D), locations (B, Lq, H, L, P, 2) in [-0.1, 1.1] (some outside the
+    maps), softmax weights (B, Lq, H, L, P); B, N and Lq small, of the given :func:`_int_class` each."""
     g = torch.Generator().manual_seed(0)
-    shapes = [(max(7 - 2 * lvl, 1), max(6 - 2 * lvl, 1)) for lvl in range(L)]
-    value = torch.randn(2, sum(h * w for h, w in shapes), 2, D, generator=g, dtype=dtype)
-    locations = torch.rand(2, 9, 2, L, P, 2, generator=g, dtype=dtype) * 1.2 - 0.1
-    weights = torch.randn(2, 9, 2, L * P, generator=g, dtype=dtype).softmax(-1).view(2, 9, 2, L, P)
+    if n_class == "x16":
+        shapes = [(4, 4)] * L
+    elif n_class == "1":
+        shapes = [(1, 1)] * L
+    else:
+        shapes = [(max(7 - 2 * lvl, 1), max(6 - 2 * lvl, 1)) for lvl in range(L)]  # (7, 6), (5, 4), ...
+        if sum(h * w for h, w in shapes) % 16 == 0:
+            shapes[0] = (7, 7)
+    B, Lq = ({"1": 1, "x16": 16, "other": k}[c] for c, k in ((b_class, 2), (q_class, 9)))
+    value = torch.randn(B, sum(h * w for h, w in shapes), H, D, generator=g, dtype=dtype)
+    locations = torch.rand(B, Lq, H, L, P, 2, generator=g, dtype=dtype) * 1.2 - 0.1
+    weights = torch.randn(B, Lq, H, L * P, generator=g, dtype=dtype).softmax(-1).view(B, Lq, H, L, P)
     return shapes, [t.to(device) for t in (value, locations, weights)]
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_check(device, dtype, D, L, P):
-    """Whether the Triton kernels, on ``device`` for this signature (compute dtype, head size D, L levels, P
-    points), give what the PyTorch path gives on :func:`_check_problem`: the output and the gradients of value,
+def _triton_check(device, dtype, H, D, L, P, b_class, n_class, q_class):
+    """Whether the Triton kernels, on ``device`` for this signature (compute dtype; H heads of size D, L levels and
+    P points, which the kernels are compiled for; the :func:`_int_class` of B, N and Lq, which Triton compiles
+    for), give what the PyTorch path gives on :func:`_check_problem`: the output and the gradients of value,
     locations and weights, to 1e-4 of their largest magnitude (float64: 1e-9). Run once per signature, on the
-    first "auto" call (it compiles the kernels that call would compile); on a failure or a difference it says
-    why once and returns False."""
-    shapes, tensors = _check_problem(device, dtype, D, L, P)
+    first "auto" call, compiling the kernels that call would compile; on a failure or a difference it says why
+    once and returns False. Running out of memory is raised, not remembered."""
+    shapes, tensors = _check_problem(device, dtype, H, D, L, P, b_class, n_class, q_class)
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     try:
-        # its own tensors with gradients, also when the first call comes under no_grad, inference_mode or autocast
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        # its own tensors with gradients, also when the first call comes under no_grad, inference_mode, autocast
+        # or saved-tensor hooks (a recomputed layer's: they would recompute the layer for this graph's backward)
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(torch.Tensor.detach, lambda t: t):
             results = []
             for sample in (_triton_module()[0].triton_deformable_sample, deformable_sample):
                 inputs = [t.clone().requires_grad_() for t in tensors]
@@ -111,10 +127,12 @@ def _triton_check(device, dtype, D, L, P):
             if not (t.shape == p.shape and (t - p).abs().max().item() <= tol * max(scale, 1.0)):
                 raise ValueError(f"the {name} differs from the PyTorch path's by "
                                  f"{(t - p).abs().max().item():.3g} (largest value {scale:.3g})")
+    except torch.OutOfMemoryError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels here
-        log.warning("%s='auto': the Triton kernels failed their check on %s (%s, D=%d, L=%d, P=%d): %s: %s. "
+        log.warning("%s='auto': the Triton kernels failed their check on %s (%s, H=%d, D=%d, L=%d, P=%d): %s: %s. "
                     "Sampling with the PyTorch path instead ('triton' would use the kernels regardless, "
-                    "'pytorch' skips the check).", IMPL_KEY, device, dtype, D, L, P, type(e).__name__, e)
+                    "'pytorch' skips the check).", IMPL_KEY, device, dtype, H, D, L, P, type(e).__name__, e)
         return False
     return True
 
@@ -126,8 +144,9 @@ def _triton_usable(value, locations=None, weights=None):
         return False
     if locations is None or weights is None:
         return True
-    return _triton_check(value.device, sampling_dtype(value, locations, weights), value.shape[-1],
-                         locations.shape[-3], locations.shape[-2])
+    B, N, H, D = value.shape
+    return _triton_check(value.device, sampling_dtype(value, locations, weights), H, D, locations.shape[-3],
+                         locations.shape[-2], _int_class(B), _int_class(N), _int_class(locations.shape[1]))
 
 
 def resolve_impl(impl, value, locations=None, weights=None):

@@ -60,28 +60,32 @@ def sine_position_embedding(mask, num_pos_feats, temperature, offset=0.0, scale=
     x = not_mask.cumsum(2)
     y = (y + offset) / (y[:, -1:, :] + eps) * scale
     x = (x + offset) / (x[:, :, -1:] + eps) * scale
-    return torch.cat([_sine(y, num_pos_feats, temperature), _sine(x, num_pos_feats, temperature)], -1)
+    return _sine(torch.stack([y, x], -1), num_pos_feats, temperature)
 
 
 def _sine(values, num_feats, temperature):
-    """(...,) -> (..., num_feats): interleaved sin/cos of ``values / temperature^(2i/num_feats)``."""
+    """(..., D) -> (..., D * num_feats): for each of the D values in turn, interleaved sin/cos of
+    ``value / temperature^(2i/num_feats)`` (all D in one computation: a handful of operators)."""
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=values.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
     v = values[..., None] / dim_t
-    return torch.stack((v[..., 0::2].sin(), v[..., 1::2].cos()), dim=-1).flatten(-2)
+    return torch.stack((v[..., 0::2].sin(), v[..., 1::2].cos()), dim=-1).flatten(-3)
 
 
-def sine_embed_points(points, num_feats, temperature=10000, scale=2 * math.pi):
+def sine_embed_points(points, num_feats, temperature=10000, scale=2 * math.pi, swap_xy=True):
     """Sine embedding of normalised points (Conditional / DAB-DETR query positions).
 
     Args:
         points: (..., D) in [0, 1], coordinates ordered (x, y[, w, h]).
+        swap_xy: order the output (y, x[, w, h]) as the official code; False keeps the input order.
     Returns:
-        (..., D * num_feats) in at least float32, ordered (y, x[, w, h]) as in the official code.
+        (..., D * num_feats) in at least float32.
     """
     points = upcast(points)  # before the 2*pi scale: a bfloat16 angle near 2*pi is off by up to 0.016
-    order = [1, 0] + list(range(2, points.shape[-1]))
-    return torch.cat([_sine(points[..., i] * scale, num_feats, temperature) for i in order], -1)
+    if swap_xy:
+        swapped = points[..., :2].flip(-1)
+        points = torch.cat([swapped, points[..., 2:]], -1) if points.shape[-1] > 2 else swapped
+    return _sine(points * scale, num_feats, temperature)
 
 
 class _ScaleByMask(torch.autograd.Function):
