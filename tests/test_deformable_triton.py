@@ -86,11 +86,15 @@ def both(value, shapes, loc, weights, seed=1):
 
 
 def assert_match(value, shapes, loc, weights, tol):
+    """Triton against PyTorch: output and gradients within ``tol`` (``atol`` scaled by each reference's largest
+    magnitude when ``tol`` has ``of_max=True``)."""
     (ref, ref_grads), (out, grads) = both(value, shapes, loc, weights)
     assert out.dtype == ref.dtype and out.shape == ref.shape
-    torch.testing.assert_close(out, ref, **tol)
-    for name, a, b in zip(("value", "locations", "weights"), grads, ref_grads):
-        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient of the {name}: {m}")
+    of_max = tol.get("of_max", False)
+    for name, a, b in zip(("output", "gradient of the value", "gradient of the locations", "gradient of the weights"),
+                          (out, *grads), (ref, *ref_grads)):
+        atol = tol["atol"] * (b.abs().max().item() if of_max else 1.0)
+        torch.testing.assert_close(a, b, atol=atol, rtol=tol["rtol"], msg=lambda m: f"{name}: {m}")
     return max((out - ref).abs().max().item(), *((a - b).abs().max().item() for a, b in zip(grads, ref_grads)))
 
 
@@ -344,8 +348,11 @@ def compiled():
 def test_cuda_matches_pytorch(compiled, dtype, shapes):
     Lq = 300 if len(shapes) == 4 else 37
     value, loc, weights = inputs(shapes, B=2, H=8, D=32, Lq=Lq, P=4, dtype=dtype, device="cuda")
-    # float32: the value gradient is summed by atomic adds in another order than grid_sample's backward
-    assert_match(value, shapes, loc, weights, TOL[dtype] if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4))
+    # float32: the value gradient is summed by atomic adds in another order than grid_sample's backward, and on
+    # 134-wide maps both paths are ~5e-5 of the largest location gradient away from float64 (measured under the
+    # interpreter: they differ from each other by up to 2e-6 of it, 5.5e-6 for the weight gradients)
+    f32 = dict(atol=2e-5, rtol=1e-4, of_max=True)
+    assert_match(value, shapes, loc, weights, TOL[dtype] if dtype == torch.float64 else f32)
     assert resolve_impl("auto", value) == "triton"
     assert resolve_impl("auto", value, loc, weights) == "triton"  # the kernels pass their first-use check
 

@@ -9,7 +9,9 @@
 #
 # Steps, in this order (each under its own time limit, none past GPU_CHECK_BUDGET_S seconds in all, default 480;
 # a step that fails or times out is recorded and the next one runs):
-#   cuda_tests              pytest -m cuda on the test files that have cuda tests (cuda_tests.xml, cuda_tests.log)
+#   preflight               (GPU only) torch sees a CUDA GPU; if not, the script stops there
+#   cuda_tests              pytest -m cuda on the test files that have cuda tests (cuda_tests.xml, cuda_tests.log);
+#                           on a GPU, cuda_tests_all_ran then fails if any of them skipped
 #   bench_deformable_attn   tools/bench_deformable_attn.py: PyTorch vs Triton deformable attention, 2 x 1024^2
 #   ks_eval_vs_student      eval time of KS-DN-Deformable against the same weights loaded as its student, and
 #                           against a baseline of its own random init (what tools/benchmark.py compares), evals
@@ -19,7 +21,7 @@
 #                           DN-Deformable and Conditional also with MODEL.KS.EARLY_TEACHER_BACKWARD True (the
 #                           "ks_variant" of their JSON)
 #   side_by_side            tools/side_by_side.py --against transformers --device cuda
-# summary.tsv lists each step's status (ok, failed rc=N, timed out, not run: budget) and seconds.
+# summary.tsv lists each step's status (ok, failed rc=N, timed out, cut by budget, not run: budget) and seconds.
 # Environment: OUT (default output/gpu_check), PYTHON (default .venv/bin/python if present, else python3),
 # GPU_CHECK_TINY, GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (step names to run, space-separated, e.g.
 # "cuda_tests benchmark_dab_detr" to rerun those; default all). Exit status: 0 if every step that ran passed, else 1.
@@ -65,18 +67,20 @@ step() {
   if [ "$left" -lt 20 ]; then
     printf '%s\tnot run: budget\t0\n' "$name" >> "$OUT/summary.tsv"; echo "== $name: not run (budget spent)"; return
   fi
-  [ "$limit" -gt "$left" ] && limit=$left
+  local timeout_status="timed out"
+  if [ "$limit" -gt "$left" ]; then limit=$left; timeout_status="cut by budget"; fi
   echo "== $name (limit ${limit}s)"
   local t0=$SECONDS rc status
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
   case $rc in
     0) status=ok ;;
-    124|137) status="timed out"; FAILED=1 ;;
+    124|137) status=$timeout_status; FAILED=1 ;;
     *) status="failed rc=$rc"; FAILED=1 ;;
   esac
   printf '%s\t%s\t%s\n' "$name" "$status" $((SECONDS - t0)) >> "$OUT/summary.tsv"
   echo "   $status in $((SECONDS - t0))s"; tail -n 3 "$OUT/$name.log" | cut -c1-300
+  return $rc
 }
 
 {
@@ -86,9 +90,20 @@ step() {
   git log -1 --format='%H %cd' 2>/dev/null || true
 } > "$OUT/environment.txt" 2>&1
 
+if [ "$DEVICE" = cuda ]; then  # without a GPU that torch sees, nothing below is worth the machine's time
+  step preflight 60 "$PY" -c 'import torch; assert torch.cuda.is_available(), "torch sees no CUDA GPU"
+print(torch.cuda.get_device_name())' || { echo "== stopped: no usable CUDA GPU"; cat "$OUT/summary.tsv"; exit 1; }
+fi
+
 CUDA_TEST_FILES=$(grep -l 'mark\.cuda' tests/test_*.py | tr '\n' ' ')
 # shellcheck disable=SC2086
 step cuda_tests 210 "$PY" -m pytest -m cuda $CUDA_TEST_FILES -v -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
+if [ "$DEVICE" = cuda ]; then  # on a GPU every cuda test runs: a skip (Triton not importing...) is a failure
+  step cuda_tests_all_ran 20 "$PY" -c 'import sys, xml.etree.ElementTree as E
+suite = E.parse(sys.argv[1]).getroot(); suite = suite if suite.tag == "testsuite" else suite[0]
+print(suite.get("tests"), "tests,", suite.get("skipped"), "skipped"); sys.exit(int(suite.get("skipped")) > 0)' \
+    "$OUT/cuda_tests.xml"
+fi
 
 if [ "$DEVICE" = cuda ]; then
   step bench_deformable_attn 60 "$PY" tools/bench_deformable_attn.py --size "$SIZE" --batch "$BATCH" --iters 10 \
