@@ -31,7 +31,8 @@ from ks_detr import load_config  # noqa: E402
 from ks_detr.checkpoint import load_eval_weights  # noqa: E402
 from ks_detr.data import check_num_classes, register_checked_coco  # noqa: E402
 from ks_detr.data.images import set_max_image_pixels  # noqa: E402
-from ks_detr.engine import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, Trainer, keep_freed_cpu_memory  # noqa: E402
+from ks_detr.engine import (  # noqa: E402
+    PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, Trainer, end_process_group, keep_freed_cpu_memory)
 from ks_detr.errors import ERROR_FILE_ENV, USER_ERROR_EXIT_CODE, repeat_worker_error, report_user_errors  # noqa: E402
 from ks_detr.logs import setup_run_logging  # noqa: E402
 
@@ -57,8 +58,17 @@ def register_datasets(cfg, args):
 
 
 def main(args):
-    with report_user_errors(args.debug):
-        return run(args)
+    """One worker: run, wait for the others (the main process may still be evaluating), leave the process group.
+    A user error or a preemption leaves it at once (nothing is in flight then)."""
+    try:
+        with report_user_errors(args.debug):
+            result = run(args)
+        comm.synchronize()
+    except SystemExit:
+        end_process_group()
+        raise
+    end_process_group()
+    return result
 
 
 def run(args):

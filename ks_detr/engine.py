@@ -86,6 +86,14 @@ def create_ddp_model(model):
     return DistributedDataParallel(model, device_ids=ids, **{no_sync: False})
 
 
+def end_process_group():
+    """Destroy this worker's process groups (a no-op without them). A gloo worker that exits with its
+    groups alive can abort while the interpreter shuts down ("terminate called without an active
+    exception"), and the launcher then stops the other workers."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class MixedPrecisionTrainer(SimpleTrainer):
     """``SimpleTrainer`` with the forward and losses under ``torch.autocast(device_type, dtype)``;
     float16 scales the loss (``torch.amp.GradScaler``), bfloat16 needs no scaling. The model keeps

@@ -200,9 +200,7 @@ class TrainJob:
                                 world_size=env.world_size, rank=env.rank)
         comm.create_local_process_group(env.local_world_size)
         comm.synchronize()
-        result = train_net.main(args)
-        comm.synchronize()
-        dist.destroy_process_group()
+        result = train_net.main(args)  # leaves the process group
         return {"rank": env.rank, "world_size": env.world_size, "resume": args.resume, "result": result}
 
     def checkpoint(self):
