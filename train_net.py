@@ -63,10 +63,10 @@ def main(args):
     try:
         with report_user_errors(args.debug):
             result = run(args)
-        comm.synchronize()
-    except SystemExit:
+    except SystemExit:  # a user error or a preemption
         end_process_group()
         raise
+    comm.synchronize()
     end_process_group()
     return result
 
